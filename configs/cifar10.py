@@ -1,0 +1,39 @@
+r"""CIFAR-10 32×32, 10 classes (tfds ``cifar10``).
+
+COMMAND: python -m distill.main --config=configs/cifar10.py --workdir=gs://BUCKET/cifar10
+SMOKE:   python -m distill.main --config=configs/cifar10.py:runlocal --workdir=/tmp/cifar10
+"""
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location(
+    "distill_configs_common", pathlib.Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg)
+  config = common.base_config()
+  config.data.name = "cifar10"
+  config.data.image_size = 32
+  config.data.channels = 3
+  config.data.num_classes = 10
+
+  config.model.ch = 256
+  config.model.ch_mult = (1, 1, 1)
+  config.model.num_res_blocks = 3
+  config.model.attn_resolutions = (16,)
+  config.model.head_dim = 64
+  config.model.num_groups = 32
+  config.model.dropout = 0.2
+  if args.get("runlocal"):
+    config.data.image_size = 8
+    config.model.ch = 16
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (4,)
+    config.model.head_dim = 16
+    config.model.num_groups = 8
+  return config

@@ -1,0 +1,44 @@
+r"""ImageNet 64×64 (tfds ``imagenet_resized/64x64``), 1000 classes; U-Net as in the paper / PD.
+
+COMMAND: python -m distill.main --config=configs/imagenet64.py --workdir=gs://BUCKET/imagenet64
+SMOKE:   python -m distill.main --config=configs/imagenet64.py:runlocal --workdir=/tmp/in64
+"""
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location(
+    "distill_configs_common", pathlib.Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg)
+  config = common.base_config()
+  config.data.name = "imagenet64"
+  config.data.image_size = 64
+  config.data.channels = 3
+  config.data.num_classes = 1000
+
+  # PD's ImageNet 64 U-Net: ch 192, mults 1,2,3,4, 3 res blocks, attention at 32,16,8, head dim 64.
+  config.model.ch = 192
+  config.model.ch_mult = (1, 2, 3, 4)
+  config.model.num_res_blocks = 3
+  config.model.attn_resolutions = (32, 16, 8)
+  config.model.head_dim = 64
+  config.model.num_groups = 32
+  config.model.dropout = 0.1
+  config.model.dtype = "bfloat16"
+  config.model.remat = True
+  if args.get("runlocal"):
+    config.data.image_size = 8
+    config.model.ch = 16
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (4,)
+    config.model.head_dim = 16
+    config.model.num_groups = 8
+    config.model.dtype = "float32"
+    config.model.remat = False
+  return config

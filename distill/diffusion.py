@@ -1,0 +1,168 @@
+"""Forward process, parameterisation conversions, DDIM steps and the N-step samplers.
+
+Notation as in DESIGN.md §1 and the paper: ``z_t = α_t x + σ_t ε``; the network predicts
+``v = α ε − σ x``; ``λ`` is the log-SNR. Every function is pure and jit-able. ``logsnr``
+arguments are a scalar or one value per example (shape ``[B]``); they are broadcast against the
+trailing image axes here, so callers never reshape them.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from distill import schedules
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _per_example(value, like, name: str):
+  """Reshapes a scalar or ``[B]`` array so it broadcasts against ``like`` (``[B, ...]``)."""
+  value = jnp.asarray(value)
+  like_shape = jnp.shape(like)
+  if value.ndim == 0:
+    return value
+  if value.ndim == 1 and len(like_shape) >= 1 and value.shape[0] == like_shape[0]:
+    return value.reshape(value.shape + (1,) * (len(like_shape) - 1))
+  if value.ndim == len(like_shape) and all(
+      v in (1, l) for v, l in zip(value.shape, like_shape)) and value.shape[0] == like_shape[0]:
+    return value
+  raise ValueError(
+      f"{name} has shape {value.shape}, which does not broadcast against the batch of shape "
+      f"{tuple(like_shape)}: pass a scalar or one value per example (shape "
+      f"[{like_shape[0] if like_shape else '?'}]).")
+
+
+def _alpha_sigma(logsnr, like, name: str = "logsnr"):
+  return schedules.alpha_sigma(_per_example(logsnr, like, name))
+
+
+def check_num_steps(num_steps, name: str = "num_steps") -> int:
+  """Validates a step count: a Python/NumPy integer >= 1 (bools and floats are refused)."""
+  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+    raise ValueError(f"{name} must be an integer >= 1, got {num_steps!r} "
+                     f"({type(num_steps).__name__}); pass e.g. {name}=4.")
+  if num_steps < 1:
+    raise ValueError(f"{name} must be >= 1, got {num_steps}.")
+  return int(num_steps)
+
+
+def diffuse(x, eps, logsnr):
+  """Forward process ``z = α x + σ ε``."""
+  alpha, sigma = _alpha_sigma(logsnr, x)
+  return alpha * x + sigma * eps
+
+
+def x_from_v(z, v, logsnr):
+  """``x = α z − σ v``."""
+  alpha, sigma = _alpha_sigma(logsnr, z)
+  return alpha * z - sigma * v
+
+
+def eps_from_v(z, v, logsnr):
+  """``ε = σ z + α v``."""
+  alpha, sigma = _alpha_sigma(logsnr, z)
+  return sigma * z + alpha * v
+
+
+def v_from_x_eps(x, eps, logsnr):
+  """``v = α ε − σ x``."""
+  alpha, sigma = _alpha_sigma(logsnr, x)
+  return alpha * eps - sigma * x
+
+
+def x_from_eps(z, eps, logsnr):
+  """``x = (z − σ ε) / α``."""
+  alpha, sigma = _alpha_sigma(logsnr, z)
+  return (z - sigma * eps) / alpha
+
+
+def eps_from_x(z, x, logsnr):
+  """``ε = (z − α x) / σ``."""
+  alpha, sigma = _alpha_sigma(logsnr, z)
+  return (z - alpha * x) / sigma
+
+
+def ddim_step(z_t, x_pred, logsnr_t, logsnr_s):
+  """Deterministic DDIM update from ``t`` to ``s < t`` (paper Eq. 2).
+
+  ``z_s = α_s x̂ + σ_s (z_t − α_t x̂) / σ_t``.
+  """
+  alpha_t, sigma_t = _alpha_sigma(logsnr_t, z_t, "logsnr_t")
+  alpha_s, sigma_s = _alpha_sigma(logsnr_s, z_t, "logsnr_s")
+  return alpha_s * x_pred + sigma_s * (z_t - alpha_t * x_pred) / sigma_t
+
+
+def renoise(z_k, logsnr_k, logsnr_s, eps):
+  """Forward transition from ``k`` back up to the noisier ``s`` (paper Eq. 5 and 7).
+
+  ``z_s = (α_s/α_k) z_k + σ_{s|k} ε`` with ``σ²_{s|k} = (1 − exp(λ_s − λ_k)) σ_s²``.
+  """
+  alpha_k, _ = _alpha_sigma(logsnr_k, z_k, "logsnr_k")
+  logsnr_s_b = _per_example(logsnr_s, z_k, "logsnr_s")
+  alpha_s, sigma_s = schedules.alpha_sigma(logsnr_s_b)
+  logsnr_k_b = _per_example(logsnr_k, z_k, "logsnr_k")
+  var = -jnp.expm1(logsnr_s_b - logsnr_k_b) * jnp.square(sigma_s)
+  return (alpha_s / alpha_k) * z_k + jnp.sqrt(jnp.maximum(var, 0.0)) * eps
+
+
+def _batch_time(t, z):
+  return jnp.full((z.shape[0],), t, dtype=jnp.float32)
+
+
+def sample_deterministic(denoise_fn: DenoiseFn, z1, num_steps: int, *,
+                         logsnr_fn=schedules.cosine_logsnr):
+  """Deterministic N-step DDIM sampler (Eq. 2 applied at ``t = i/N``, ``i = N … 1``).
+
+  ``denoise_fn(z, t) -> x̂`` takes a batch-shaped ``t``. Returns the x-prediction of the last
+  step (the step to ``t = 0``). The loop is a ``lax.fori_loop``: the denoiser is traced once and
+  the whole sampler is one XLA program when jitted.
+  """
+  n = check_num_steps(num_steps)
+  z1 = jnp.asarray(z1)
+
+  def body(j, carry):
+    z, _ = carry
+    i = n - j
+    t = i / n
+    s = (i - 1) / n
+    x_pred = denoise_fn(z, _batch_time(t, z))
+    z_s = ddim_step(z, x_pred, logsnr_fn(t), logsnr_fn(s))
+    return z_s, x_pred.astype(z.dtype)
+
+  _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1)))
+  return x
+
+
+def sample_stochastic(denoise_fn: DenoiseFn, z1, num_steps: int, rng, *,
+                      logsnr_fn=schedules.cosine_logsnr):
+  """N-step stochastic sampler (paper §3.3, Eq. 4–7).
+
+  From the current time ``c`` (starting at 1) take one deterministic DDIM step of length
+  ``2/N`` to ``k = c − 2/N`` (Eq. 4/6), then re-noise forward to ``s = c − 1/N`` (Eq. 5/7);
+  repeat from ``s``. At ``c = 1/N`` one deterministic step to 0 (Eq. 2), whose x-prediction is
+  returned. N network evaluations in all; ``num_steps = 1`` is the deterministic 1-step sampler.
+  The model is evaluated on the grid ``i/N`` and must jump ``2/N`` from each point of it (see
+  ``stage_two`` ``train_for_stochastic``).
+  """
+  n = check_num_steps(num_steps)
+  z1 = jnp.asarray(z1)
+
+  def body(j, carry):
+    z, _ = carry
+    c = (n - j) / n
+    # On the last iteration (c = 1/N) only the x-prediction is used: Eq. 2 to t = 0. The
+    # clipped times keep the unused update finite.
+    k = jnp.maximum(c - 2.0 / n, 0.0)
+    s = jnp.maximum(c - 1.0 / n, 0.0)
+    x_pred = denoise_fn(z, _batch_time(c, z)).astype(z.dtype)
+    lam_k, lam_s = logsnr_fn(k), logsnr_fn(s)
+    z_k = ddim_step(z, x_pred, logsnr_fn(c), lam_k)
+    eps = jax.random.normal(jax.random.fold_in(rng, j), z.shape, z.dtype)
+    return renoise(z_k, lam_k, lam_s, eps).astype(z.dtype), x_pred
+
+  _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1)))
+  return x
