@@ -28,7 +28,17 @@ def get_config(arg=None):
   config.model.head_dim = 64
   config.model.num_groups = 32
   config.model.dropout = 0.2
+  config.data.random_flip = True
+
+  config.teacher.batch_size = 128
+  config.teacher.num_train_steps = 400_000
+  config.teacher.lr = 2e-4
+  config.teacher.warmup_steps = 1000
+  config.teacher.ema_decay = 0.9999
+  config.teacher.checkpoint_every = 5000
+  config.teacher.sample_every = 10_000
   if args.get("runlocal"):
+    common.shrink_for_cpu(config)
     config.data.image_size = 8
     config.model.ch = 16
     config.model.ch_mult = (1, 2)

@@ -11,12 +11,18 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Stages to run, in order, comma-separated (the pipeline skips finished ones).
+  config.stages = "teacher"
+  # Devices in the ('data',) mesh; -1 = every device of every process.
+  config.num_devices = -1
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"
   config.data.image_size = 8
   config.data.channels = 1
   config.data.num_classes = 10
+  config.data.data_dir = ""  # tfds data_dir ("" = tfds default); gs:// works on TPU VMs
+  config.data.random_flip = False
 
   # U-Net (distill/models/unet.py). Output is v; time enters as the log-SNR.
   config.model = ml_collections.ConfigDict()
@@ -30,7 +36,49 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.w_fourier_scale = 250.0  # w-embedding: sinusoidal features of w * this scale
   config.model.dtype = "float32"  # activations; parameters and the loss stay float32
   config.model.remat = False
+
+  # Classifier-free-guided teacher [x_c, x_u]: one network, label dropout to the null label.
+  config.teacher = train_section(
+      batch_size=128, num_train_steps=10_000, lr=3e-4, warmup_steps=1000, ema_decay=0.9999)
+  config.teacher.p_uncond = 0.1
+  config.teacher.sample_w = (0.0, 1.0, 4.0)  # guidance weights of the progress grids
+  config.teacher.sample_steps = 64  # guided DDIM steps of the progress grids (2 evals each)
   return config
+
+
+def train_section(*, batch_size: int, num_train_steps: int, lr: float, warmup_steps: int,
+                  ema_decay: float, lr_decay: str = "constant", grad_clip: float = 1.0):
+  """Optimiser, EMA, logging and checkpoint settings shared by every training stage."""
+  s = ml_collections.ConfigDict()
+  s.batch_size = batch_size  # global, over all devices and hosts
+  s.num_train_steps = num_train_steps
+  s.lr = lr
+  s.warmup_steps = warmup_steps
+  s.lr_decay = lr_decay  # "constant", "cosine" or "linear" (after warm-up, to 0)
+  s.grad_clip = grad_clip  # global-norm clipping; 0 disables
+  s.adam_b1 = 0.9
+  s.adam_b2 = 0.999
+  s.adam_eps = 1e-8
+  s.ema_decay = ema_decay  # 0 = no EMA (EMA params equal params)
+  s.log_every = 100
+  s.checkpoint_every = 1000
+  s.sample_every = 1000  # PNG + TensorBoard grid of samples; 0 disables
+  s.max_to_keep = 3
+  s.max_consecutive_nonfinite = 20  # stop after this many skipped (non-finite) steps in a row
+  return s
+
+
+def shrink_for_cpu(config, *, steps: int = 6) -> None:
+  """The ``runlocal`` variant's training settings: a few steps of every stage."""
+  for name in ("teacher",):
+    section = config[name]
+    section.batch_size = 16
+    section.num_train_steps = steps
+    section.warmup_steps = 2
+    section.log_every = 2
+    section.checkpoint_every = 3
+    section.sample_every = steps
+  config.teacher.sample_steps = 4
 
 
 def parse_arg(arg: str | None) -> dict:

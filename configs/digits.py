@@ -28,7 +28,16 @@ def get_config(arg=None):
   config.model.head_dim = 32
   config.model.num_groups = 8
   config.model.dropout = 0.1
+
+  config.teacher.batch_size = 128
+  config.teacher.num_train_steps = 6000
+  config.teacher.lr = 1e-3
+  config.teacher.warmup_steps = 200
+  config.teacher.ema_decay = 0.999
+  config.teacher.checkpoint_every = 1000
+  config.teacher.sample_every = 1000
   if args.get("runlocal"):
+    common.shrink_for_cpu(config)
     config.model.ch = 16
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 1

@@ -31,7 +31,19 @@ def get_config(arg=None):
   config.model.dropout = 0.1
   config.model.dtype = "bfloat16"
   config.model.remat = True
+  config.data.random_flip = True
+
+  # Paper / PD teacher: batch 2048, lr 3e-4 with 1k warm-up, EMA 0.9999, p_uncond 0.1.
+  config.teacher.batch_size = 2048
+  config.teacher.num_train_steps = 400_000
+  config.teacher.lr = 3e-4
+  config.teacher.warmup_steps = 1000
+  config.teacher.ema_decay = 0.9999
+  config.teacher.p_uncond = 0.1
+  config.teacher.checkpoint_every = 5000
+  config.teacher.sample_every = 10_000
   if args.get("runlocal"):
+    common.shrink_for_cpu(config)
     config.data.image_size = 8
     config.model.ch = 16
     config.model.ch_mult = (1, 2)

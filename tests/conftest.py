@@ -1,7 +1,27 @@
-"""Test set-up: eight forced CPU devices (unless XLA_FLAGS already forces a count)."""
+"""Test set-up: eight forced CPU devices, fast compiles, a persistent compilation cache.
+
+Identical programs compiled again (each resumed run builds its train step anew) load from the
+cache instead of recompiling; subprocesses inherit it through JAX_COMPILATION_CACHE_DIR.
+"""
 
 import os
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
+# Tests are dominated by XLA's CPU compile time, not run time: skip LLVM's optimisation passes
+# (about 2.5x faster compiles; results are the same programs' results).
+_OPT = "--xla_backend_optimization_level"
+if _OPT not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += f" {_OPT}=0"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="distill-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402  (after the environment above)
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,224 @@
+"""The training engine: teacher loop on every data set, exact resume, checkpoint fall-back,
+sharding invariance, non-finite steps, and config validation."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from distill import (checkpoints, config_validation, input_pipeline, losses, models, pipeline,
+                     sharding, train)
+from distill.config_utils import load_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny_config(steps=6, **overrides):
+  config = load_config("digits:runlocal")
+  config.teacher.num_train_steps = steps
+  config.teacher.sample_every = 0
+  config.num_devices = 1  # sharding itself is tested below, 1 vs 8 devices
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def _tree_equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def _mean_objective(config, params, seeds=range(6)):
+  model = models.build_unet(config)
+  objective = jax.jit(losses.teacher_objective(model, p_uncond=config.teacher.p_uncond))
+  batches = input_pipeline.train_batches(config.data, global_batch_size=64, seed=99)
+  return float(np.mean([objective(params, None, batches[s], jax.random.key(1000 + s))[0]
+                        for s in seeds]))
+
+
+def test_digits_teacher_loss_decreases(tmp_path):
+  config = tiny_config(steps=150, **{"teacher.lr": 2e-3, "teacher.warmup_steps": 10,
+                                     "teacher.checkpoint_every": 150, "teacher.log_every": 50})
+  mesh = pipeline.make_mesh(config)
+  state = pipeline.train_teacher(config, tmp_path, mesh)
+  model = models.build_unet(config)
+  init = models.init_params(model, jax.random.fold_in(pipeline.stage_key(config, "teacher"), 0),
+                            models.model_input_shape(config))
+  before, after = _mean_objective(config, init), _mean_objective(config, state.params)
+  print(f"teacher loss {before:.4f} -> {after:.4f}")
+  assert after < 0.8 * before
+  assert int(state.step) == 150
+
+
+@pytest.mark.parametrize("name,num_devices", [("cifar10:runlocal", 1),
+                                              ("imagenet64:runlocal", -1)])
+def test_teacher_loop_runs_on_mock_tfds(tmp_path, name, num_devices):
+  config = load_config(name)
+  config.num_devices = num_devices  # -1: all 8 devices, the sharded path end to end
+  config.teacher.num_train_steps = 4
+  config.teacher.sample_every = 4
+  with tfds.testing.mock_data(num_examples=64):
+    state = pipeline.train_teacher(config, tmp_path, pipeline.make_mesh(config))
+  assert int(state.step) == 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+  assert (tmp_path / "teacher" / "checkpoints" / "4").is_dir()
+  assert (tmp_path / "teacher" / "samples" / "step_00000004.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """6 steps in one go (checkpoints at 3 and 6)."""
+  workdir = tmp_path_factory.mktemp("straight")
+  config = tiny_config(steps=6)
+  state = pipeline.train_teacher(config, workdir, pipeline.make_mesh(config))
+  return jax.device_get(state)
+
+
+def test_resume_is_bit_identical(tmp_path, straight_run):
+  config = tiny_config(steps=3)
+  pipeline.train_teacher(config, tmp_path, pipeline.make_mesh(config))
+  config = tiny_config(steps=6)
+  resumed = jax.device_get(pipeline.train_teacher(config, tmp_path, pipeline.make_mesh(config)))
+  assert int(resumed.step) == 6
+  assert _tree_equal(resumed.params, straight_run.params)
+  assert _tree_equal(resumed.ema_params, straight_run.ema_params)
+  assert _tree_equal(resumed.opt_state, straight_run.opt_state)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, straight_run, caplog):
+  config = tiny_config(steps=6)
+  pipeline.train_teacher(config, tmp_path, pipeline.make_mesh(config))
+  ckpt_dir = tmp_path / "teacher" / "checkpoints"
+  damaged = 0
+  for f in (ckpt_dir / "6" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:5])
+      damaged += 1
+  assert damaged
+  # The rerun restores step 3 (warning), sets step 6 aside, and retrains 3 -> 6 exactly.
+  state = jax.device_get(pipeline.train_teacher(config, tmp_path, pipeline.make_mesh(config)))
+  assert "is unreadable" in caplog.text
+  assert (tmp_path / "teacher" / "checkpoints_unreadable" / "6").is_dir()
+  assert _tree_equal(state.params, straight_run.params)
+  assert sorted(checkpoints.Checkpoints(ckpt_dir).all_steps()) == [3, 6]
+
+
+def test_eight_devices_give_the_same_loss_as_one():
+  assert jax.device_count() >= 8
+  config = tiny_config()
+  model = models.build_unet(config)
+  objective = losses.teacher_objective(model, p_uncond=0.1)
+  tx, schedule = train.make_optimizer(config.teacher)
+  params = jax.device_get(
+      models.init_params(model, jax.random.key(0), models.model_input_shape(config)))
+  batch = input_pipeline.train_batches(config.data, global_batch_size=16, seed=0)[0]
+  results = []
+  for n in (1, 8):
+    mesh = sharding.make_mesh(n)
+    step = train.make_train_step(objective, tx, schedule, ema_decay=0.9, mesh=mesh)
+    state = jax.device_put(train.init_state(params, tx), sharding.replicated(mesh))
+    losses_n = []
+    for _ in range(2):
+      state, metrics = step(state, None, sharding.global_batch(mesh, batch), jax.random.key(3))
+      losses_n.append(float(metrics["loss"]))
+    results.append((losses_n, jax.device_get(state.params)))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), results[0][1],
+               results[1][1])
+
+
+def _nan_objective(params, frozen, batch, key):
+  loss = jnp.mean(batch["image"]) * 0.0 + jnp.nan + 0.0 * jax.tree.leaves(params)[0].sum()
+  return loss, {}
+
+
+def test_non_finite_loss_skips_update_and_stops_run(tmp_path):
+  config = tiny_config(steps=10, **{"teacher.max_consecutive_nonfinite": 3})
+  mesh = sharding.make_mesh(1)
+  tx, schedule = train.make_optimizer(config.teacher)
+  params = {"w": jnp.ones((3,))}
+  step = train.make_train_step(_nan_objective, tx, schedule, ema_decay=0.5, mesh=mesh)
+  batch = sharding.global_batch(mesh, {"image": np.ones((2, 8, 8, 1), np.float32)})
+  state, metrics = step(train.init_state(params, tx), None, batch, jax.random.key(0))
+  np.testing.assert_array_equal(state.params["w"], np.ones(3))
+  np.testing.assert_array_equal(state.ema_params["w"], np.ones(3))
+  assert int(metrics["skipped"]) == 1 and int(state.skipped_in_row) == 1
+  assert int(state.step) == 1
+
+  batches = input_pipeline.train_batches(config.data, global_batch_size=16, seed=0)
+  with pytest.raises(train.NonFiniteError, match="3 consecutive steps"):
+    train.train(name="teacher", stage_cfg=config.teacher, objective=_nan_objective,
+                init_params=lambda: {"w": jnp.ones((3,))}, frozen=None, batches=batches,
+                mesh=mesh, workdir=tmp_path, config=config, base_key=jax.random.key(0))
+  assert not (tmp_path / "checkpoints" / "10").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"teacher.batch_size": 12}, "teacher.batch_size=12 is not divisible by the 8 devices"),
+    ({"data.image_size": 6}, "data.image_size=6 is not divisible by 2\\^\\(levels-1\\)=4"),
+    ({"data.name": "mnist"}, "data.name='mnist' is unknown"),
+    ({"teacher.p_uncond": 1.5}, "teacher.p_uncond=1.5 must be in \\[0, 1\\]"),
+    ({"teacher.num_train_steps": 0}, "teacher.num_train_steps=0 must be > 0"),
+    ({"teacher.lr": -1e-3}, "teacher.lr=-0.001 must be > 0"),
+    ({"model.attn_resolutions": (16,)}, "model.attn_resolutions contains \\[16\\]"),
+    ({"workdir": ""}, "--workdir is missing"),
+    ({"stages": "teacher,stage_nine"}, "stages='teacher,stage_nine' names unknown"),
+])
+def test_config_validation_messages(change, message):
+  config = load_config("digits:runlocal")
+  config.model.ch_mult = (1, 2, 2)
+  workdir = "/tmp/unused"
+  for key, value in change.items():
+    if key == "workdir":
+      workdir = value
+    elif "." in key:
+      section, field = key.split(".")
+      config[section][field] = value
+    else:
+      config[key] = value
+  with pytest.raises(ValueError, match=message) as info:
+    config_validation.validate(config, workdir, num_devices=8)
+  assert "\n" not in str(info.value)
+
+
+def test_unprepared_tfds_data_set_says_how_to_prepare(tmp_path):
+  config = load_config("imagenet64:runlocal")
+  config.data.data_dir = str(tmp_path / "no_tfds_here")
+  with pytest.raises(ValueError, match="tfds build imagenet_resized/64x64"):
+    input_pipeline.train_batches(config.data, global_batch_size=8, seed=0)
+
+
+def test_data_is_a_pure_function_of_step_and_process():
+  config = load_config("digits")
+  a = input_pipeline.train_batches(config.data, global_batch_size=8, seed=0)
+  b = input_pipeline.train_batches(config.data, global_batch_size=8, seed=0)
+  np.testing.assert_array_equal(a[17]["image"], b[17]["image"])
+  it = input_pipeline.iterate(a, 17)
+  np.testing.assert_array_equal(next(it)["label"], a[17]["label"])
+  shards = [input_pipeline.train_batches(config.data, global_batch_size=8, seed=0,
+                                         process_index=i, process_count=2) for i in (0, 1)]
+  assert shards[0][0]["image"].shape == (4, 8, 8, 1)
+  train_x, _ = input_pipeline.digits_arrays("train")
+  held_x, _ = input_pipeline.digits_arrays("held_out")
+  assert len(train_x) == 1500 and len(held_x) == 297
+  assert train_x.min() == -1.0 and train_x.max() == 1.0
+
+
+def test_cli_runs_with_flag_overrides_and_refuses_missing_workdir(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+                                   "--xla_backend_optimization_level=0")
+  base = [sys.executable, "-m", "distill.main", f"--config={REPO}/configs/digits.py:runlocal"]
+  bad = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--workdir is missing" in bad.stderr
+  ok = subprocess.run(base + [f"--workdir={tmp_path}/run", "--config.teacher.num_train_steps=2",
+                              "--config.teacher.checkpoint_every=2"],
+                      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert "teacher step 2/2" in ok.stderr
+  assert (tmp_path / "run" / "teacher" / "checkpoints" / "2").is_dir()
