@@ -11,8 +11,10 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # Stages to run, in order, comma-separated (the pipeline skips finished ones).
-  config.stages = "teacher"
+  # Stages to run, in order, comma-separated (the pipeline skips finished ones): any subset of
+  # teacher, stage_one, stage_two. A stage not listed is read from the workdir when a later one
+  # needs it (it must be complete there).
+  config.stages = "teacher,stage_one,stage_two"
   # Devices in the ('data',) mesh; -1 = every device of every process.
   config.num_devices = -1
 
@@ -43,15 +45,50 @@ def base_config() -> ml_collections.ConfigDict:
   config.teacher.p_uncond = 0.1
   config.teacher.sample_w = (0.0, 1.0, 4.0)  # guidance weights of the progress grids
   config.teacher.sample_steps = 64  # guided DDIM steps of the progress grids (2 evals each)
+  # A teacher trained elsewhere by distill: its stage directory, checkpoints/ directory or one
+  # step directory. Set, it replaces training the teacher ("" = train it here).
+  config.teacher.checkpoint = ""
+
+  # Stage one (paper §3.1, Eq. 3, Algorithm 1): one w-conditioned student learns the guided
+  # teacher (1+w) x_c - w x_u for w ~ U[w_min, w_max], t ~ U[0, 1]. Starts as the teacher's
+  # conditional model (teacher EMA parameters + a zero-initialised w-embedding).
+  config.stage_one = train_section(
+      batch_size=128, num_train_steps=10_000, lr=1e-4, warmup_steps=0, ema_decay=0.0)
+  config.stage_one.w_min = 0.0  # stage two distils over the same range
+  config.stage_one.w_max = 4.0
+  config.stage_one.dropout = 0.0
+  config.stage_one.sample_w = (0.0, 1.0, 4.0)
+  config.stage_one.sample_steps = 64  # DDIM steps of its grids (guidance distilled: 1 eval each)
+
+  # Stage two (Algorithm 2): progressive distillation. The stage-one student, sampled with
+  # start_num_steps DDIM steps, is the first teacher; each halving trains a student with half
+  # the steps (one student step = two teacher steps), which then becomes the next teacher, down
+  # to end_num_steps. Every halving has a fresh optimiser and keeps its final student in
+  # workdir/stage_two/N=<steps>.
+  config.stage_two = train_section(
+      batch_size=128, num_train_steps=None, lr=1e-4, warmup_steps=0, ema_decay=0.0)
+  config.stage_two.start_num_steps = 1024
+  config.stage_two.end_num_steps = 1
+  config.stage_two.train_steps_per_halving = 50_000
+  # Students with at most long_halving_max_steps steps train for long_halving_train_steps
+  # instead (the paper trains its last, hardest halvings longer); 0 disables.
+  config.stage_two.long_halving_max_steps = 0
+  config.stage_two.long_halving_train_steps = 0
+  # Also train on the teacher's finer grid t = i/(2N), so a student with N steps serves the
+  # stochastic sampler (Eq. 4-7) with 2N evaluations (README, "Stage two").
+  config.stage_two.train_for_stochastic = True
+  config.stage_two.dropout = 0.0
+  config.stage_two.sample_w = (0.0, 1.0, 4.0)
   return config
 
 
-def train_section(*, batch_size: int, num_train_steps: int, lr: float, warmup_steps: int,
+def train_section(*, batch_size: int, num_train_steps: int | None, lr: float, warmup_steps: int,
                   ema_decay: float, lr_decay: str = "constant", grad_clip: float = 1.0):
   """Optimiser, EMA, logging and checkpoint settings shared by every training stage."""
   s = ml_collections.ConfigDict()
   s.batch_size = batch_size  # global, over all devices and hosts
-  s.num_train_steps = num_train_steps
+  if num_train_steps is not None:
+    s.num_train_steps = num_train_steps
   s.lr = lr
   s.warmup_steps = warmup_steps
   s.lr_decay = lr_decay  # "constant", "cosine" or "linear" (after warm-up, to 0)
@@ -69,16 +106,22 @@ def train_section(*, batch_size: int, num_train_steps: int, lr: float, warmup_st
 
 
 def shrink_for_cpu(config, *, steps: int = 6) -> None:
-  """The ``runlocal`` variant's training settings: a few steps of every stage."""
-  for name in ("teacher",):
+  """The ``runlocal`` variant: a few steps of every stage, halvings from 8 steps down to 1."""
+  for name in ("teacher", "stage_one", "stage_two"):
     section = config[name]
     section.batch_size = 16
-    section.num_train_steps = steps
     section.warmup_steps = 2
     section.log_every = 2
     section.checkpoint_every = 3
     section.sample_every = steps
+  config.teacher.num_train_steps = steps
+  config.stage_one.num_train_steps = steps
+  config.stage_two.train_steps_per_halving = steps
+  config.stage_two.long_halving_max_steps = 0
+  config.stage_two.start_num_steps = 8
+  config.stage_two.end_num_steps = 1
   config.teacher.sample_steps = 4
+  config.stage_one.sample_steps = 4
 
 
 def parse_arg(arg: str | None) -> dict:

@@ -21,21 +21,45 @@ def get_config(arg=None):
   config.data.channels = 1
   config.data.num_classes = 10
 
+  # Sized for 2 CPU cores: the whole pipeline (teacher, stage one, seven halvings 128 -> 1)
+  # trains in about 25 minutes (BENCHMARKS.md).
   config.model.ch = 32
   config.model.ch_mult = (1, 2)
-  config.model.num_res_blocks = 2
+  config.model.num_res_blocks = 1
   config.model.attn_resolutions = (4,)
   config.model.head_dim = 32
   config.model.num_groups = 8
   config.model.dropout = 0.1
 
-  config.teacher.batch_size = 128
+  config.teacher.batch_size = 64
   config.teacher.num_train_steps = 6000
   config.teacher.lr = 1e-3
   config.teacher.warmup_steps = 200
   config.teacher.ema_decay = 0.999
   config.teacher.checkpoint_every = 1000
-  config.teacher.sample_every = 1000
+  config.teacher.sample_every = 2000
+
+  config.stage_one.batch_size = 64
+  config.stage_one.num_train_steps = 1500
+  config.stage_one.lr = 3e-4
+  config.stage_one.warmup_steps = 50
+  config.stage_one.lr_decay = "linear"
+  config.stage_one.ema_decay = 0.99
+  config.stage_one.checkpoint_every = 500
+  config.stage_one.sample_every = 1500
+
+  config.stage_two.batch_size = 64
+  config.stage_two.start_num_steps = 128
+  config.stage_two.end_num_steps = 1
+  config.stage_two.train_steps_per_halving = 400
+  config.stage_two.long_halving_max_steps = 4  # students with 4, 2 and 1 steps train longer
+  config.stage_two.long_halving_train_steps = 800
+  config.stage_two.lr = 2e-4
+  config.stage_two.warmup_steps = 20
+  config.stage_two.lr_decay = "linear"
+  config.stage_two.ema_decay = 0.0
+  config.stage_two.checkpoint_every = 200
+  config.stage_two.sample_every = 800
   if args.get("runlocal"):
     common.shrink_for_cpu(config)
     config.model.ch = 16

@@ -3,6 +3,10 @@
 Saves go through ``CheckpointManager`` (atomic: a step directory appears only when complete,
 ``max_to_keep`` from config). Restoring takes the newest readable checkpoint: if the newest is
 damaged (e.g. truncated files), it warns and falls back to the previous one.
+
+``read_params`` reads only the (EMA) parameters of a finished stage, or of a teacher trained
+elsewhere by this code, after checking every parameter's path and shape against the model the
+config builds.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 
 def _finite(tree) -> bool:
@@ -85,3 +90,49 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def state_dir(path) -> tuple[epath.Path, int]:
+  """``(…/<step>/state, step)`` for a step directory, a ``checkpoints`` directory (its newest
+  step) or a stage directory holding ``checkpoints/``."""
+  path = epath.Path(path)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if (path / "state").is_dir() and path.name.isdigit():
+    return path / "state", int(path.name)
+  steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and
+                 (p / "state").is_dir()) if path.is_dir() else []
+  if not steps:
+    raise ValueError(f"no checkpoint found at {str(path)!r}: pass a stage directory, its "
+                     "checkpoints/ directory or one step directory of it.")
+  return path / str(steps[-1]) / "state", steps[-1]
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  flat = traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) else {}
+  return {k: tuple(getattr(v, "shape", ())) for k, v in flat.items()}
+
+
+def read_params(path, abstract_params, *, key: str = "ema_params", what: str = "teacher"):
+  """Reads ``state[key]`` of a checkpoint into the shapes and shardings of ``abstract_params``.
+
+  Raises a one-line ``ValueError`` naming the first parameter path that is missing, extra or
+  of another shape, before reading any array.
+  """
+  directory, step = state_dir(path)
+  metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+  if key not in metadata:
+    raise ValueError(f"{what} checkpoint {str(directory)!r} has no {key!r}: it was not written "
+                     "by distill's training loop.")
+  found, expected = _shapes(dict(metadata[key])), _shapes(abstract_params)
+  for name in sorted(set(found) | set(expected)):
+    if found.get(name) != expected.get(name):
+      raise ValueError(
+          f"{what} checkpoint {str(directory)!r} does not match the model config at parameter "
+          f"{name}: checkpoint shape {found.get(name, 'absent')} vs config shape "
+          f"{expected.get(name, 'absent')}; set --config.model.* to the teacher's architecture.")
+  item = {key: abstract_params}
+  restored = ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True))
+  return step, restored[key]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from etils import epath
+
 from distill import input_pipeline
 from distill.models.factory import check_model_config
 
-STAGES = ("teacher",)
-TRAIN_SECTIONS = ("teacher",)
+STAGES = ("teacher", "stage_one", "stage_two")
 
 
 def stages_of(config) -> list[str]:
@@ -25,7 +26,8 @@ def _positive(section: str, cfg, field: str) -> None:
 
 
 def check_train_section(name: str, cfg, *, num_devices: int, process_count: int) -> None:
-  for field in ("batch_size", "num_train_steps", "lr", "log_every", "checkpoint_every",
+  steps_field = "train_steps_per_halving" if name == "stage_two" else "num_train_steps"
+  for field in ("batch_size", steps_field, "lr", "log_every", "checkpoint_every",
                 "max_to_keep", "max_consecutive_nonfinite"):
     _positive(name, cfg, field)
   if cfg.batch_size % num_devices:
@@ -62,10 +64,36 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   stages = stages_of(config)
   if config.num_devices != -1 and config.num_devices < 1:
     raise ValueError(f"num_devices={config.num_devices} must be >= 1, or -1 for all devices.")
-  for name in TRAIN_SECTIONS:
-    if name in stages:
-      check_train_section(name, config[name], num_devices=num_devices,
-                          process_count=process_count)
+  for name in stages:
+    if name == "teacher" and config.teacher.checkpoint:
+      continue  # read, not trained
+    check_train_section(name, config[name], num_devices=num_devices,
+                        process_count=process_count)
   if "teacher" in stages and not 0.0 <= config.teacher.p_uncond <= 1.0:
     raise ValueError(f"teacher.p_uncond={config.teacher.p_uncond} must be in [0, 1] (the "
                      "probability of replacing a label by the null label).")
+  if config.teacher.checkpoint and not epath.Path(config.teacher.checkpoint).exists():
+    raise ValueError(f"teacher.checkpoint={config.teacher.checkpoint!r} does not exist: pass a "
+                     "teacher stage directory, its checkpoints/ directory or a step directory.")
+  one, two = config.stage_one, config.stage_two
+  if not one.w_min <= one.w_max:
+    raise ValueError(f"stage_one.w_min={one.w_min} must be <= stage_one.w_max={one.w_max}.")
+  if "stage_two" in stages:
+    check_halvings(two)
+
+
+def check_halvings(two) -> None:
+  start, end = two.start_num_steps, two.end_num_steps
+  if not (isinstance(start, int) and isinstance(end, int) and 1 <= end < start):
+    raise ValueError(f"stage_two.start_num_steps={start} and end_num_steps={end} must be "
+                     "integers with 1 <= end_num_steps < start_num_steps.")
+  ratio = start // end
+  if start % end or ratio & (ratio - 1):
+    suggestion = end * 2 ** max(ratio.bit_length() - 1, 1)
+    raise ValueError(f"stage_two.start_num_steps={start} is not end_num_steps={end} times a "
+                     f"power of two: use e.g. start_num_steps={suggestion}.")
+  if two.long_halving_max_steps < 0 or (two.long_halving_max_steps > 0 and
+                                         not two.long_halving_train_steps > 0):
+    raise ValueError(f"stage_two.long_halving_train_steps={two.long_halving_train_steps} must be "
+                     f"> 0 when long_halving_max_steps={two.long_halving_max_steps} > 0 (0 "
+                     "disables longer final halvings).")

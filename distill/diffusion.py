@@ -19,7 +19,7 @@ from distill import schedules
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _per_example(value, like, name: str):
+def per_example(value, like, name: str):
   """Reshapes a scalar or ``[B]`` array so it broadcasts against ``like`` (``[B, ...]``)."""
   value = jnp.asarray(value)
   like_shape = jnp.shape(like)
@@ -37,7 +37,7 @@ def _per_example(value, like, name: str):
 
 
 def _alpha_sigma(logsnr, like, name: str = "logsnr"):
-  return schedules.alpha_sigma(_per_example(logsnr, like, name))
+  return schedules.alpha_sigma(per_example(logsnr, like, name))
 
 
 def check_num_steps(num_steps, name: str = "num_steps") -> int:
@@ -102,9 +102,9 @@ def renoise(z_k, logsnr_k, logsnr_s, eps):
   ``z_s = (α_s/α_k) z_k + σ_{s|k} ε`` with ``σ²_{s|k} = (1 − exp(λ_s − λ_k)) σ_s²``.
   """
   alpha_k, _ = _alpha_sigma(logsnr_k, z_k, "logsnr_k")
-  logsnr_s_b = _per_example(logsnr_s, z_k, "logsnr_s")
+  logsnr_s_b = per_example(logsnr_s, z_k, "logsnr_s")
   alpha_s, sigma_s = schedules.alpha_sigma(logsnr_s_b)
-  logsnr_k_b = _per_example(logsnr_k, z_k, "logsnr_k")
+  logsnr_k_b = per_example(logsnr_k, z_k, "logsnr_k")
   var = -jnp.expm1(logsnr_s_b - logsnr_k_b) * jnp.square(sigma_s)
   return (alpha_s / alpha_k) * z_k + jnp.sqrt(jnp.maximum(var, 0.0)) * eps
 

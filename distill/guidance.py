@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill.diffusion import _per_example
+from distill.diffusion import per_example
 
 
 def guided_x(x_cond, x_uncond, w):
   """Guided prediction ``x̂^w = (1 + w) x̂_c − w x̂_u``; ``w`` is a scalar or one value per example."""
-  w = _per_example(w, x_cond, "w")
+  w = per_example(w, x_cond, "w")
   return (1.0 + w) * x_cond - w * x_uncond
 
 

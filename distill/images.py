@@ -41,4 +41,4 @@ def save_png(image: np.ndarray, path, *, scale: int = 1) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)

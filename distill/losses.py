@@ -1,8 +1,10 @@
-"""Training objectives: weighting, the teacher's loss (and, later, stage one and stage two).
+"""Training objectives: weighting, the teacher's loss, stage one (Eq. 3) and stage two.
 
 An *objective* is a pure function ``(params, frozen, batch, key) -> (loss, metrics)``; it is the
-only thing a stage gives the shared training loop (``distill/train.py``). ``frozen`` holds the
-parameters of a frozen teacher, or ``None``.
+only thing a stage gives the shared training loop (``distill/train.py``). ``frozen`` holds what
+the stage does not train: ``None`` for the teacher, the teacher's parameters for stage one, and
+``{"params": teacher_params, "num_student_steps": N}`` for stage two (``N`` as an array, so
+every halving runs the same compiled step).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill import diffusion, schedules
+from distill import denoiser, diffusion, guidance, schedules
 
 
 def _per_example_mean(x):
@@ -24,6 +26,23 @@ def snr_trunc_loss(x, x_pred, eps, eps_pred):
   §1), since ``‖ε̂ − ε‖² = exp(λ) ‖x̂ − x‖²`` for predictions tied by ``z``.
   """
   return jnp.maximum(_per_example_mean(x_pred - x), _per_example_mean(eps_pred - eps))
+
+
+def snr_trunc_weight(logsnr):
+  """``ω(λ) = max(exp(λ), 1)``: the SNR-truncated weight of an x-space squared error."""
+  return jnp.maximum(jnp.exp(jnp.asarray(logsnr, jnp.float32)), 1.0)
+
+
+def weighted_x_loss(x_pred, x_target, logsnr):
+  """Per-example ``ω(λ)·‖x̂ − x̃‖²`` (pixel means), the distillation loss of Eq. 3 / Alg. 2."""
+  return snr_trunc_weight(logsnr) * _per_example_mean(x_pred - x_target)
+
+
+def _noisy_batch(x, key, t):
+  """``(z_t, λ_t)`` for data ``x`` at per-example times ``t``: ``z_t = α_t x + σ_t ε``."""
+  logsnr = schedules.cosine_logsnr(t)
+  eps = jax.random.normal(key, x.shape, x.dtype)
+  return diffusion.diffuse(x, eps, logsnr), logsnr
 
 
 def teacher_objective(model, *, p_uncond: float):
@@ -49,4 +68,93 @@ def teacher_objective(model, *, p_uncond: float):
     eps_pred = diffusion.eps_from_v(z, v, logsnr)
     loss = jnp.mean(snr_trunc_loss(x, x_pred, eps, eps_pred))
     return loss, {"loss": loss, "x_mse": jnp.mean(_per_example_mean(x_pred - x))}
+  return objective
+
+
+def stage_one_objective(student, teacher, *, w_min: float, w_max: float):
+  """Stage one (paper §3.1, Eq. 3, Algorithm 1): learn the guided teacher with one network.
+
+  Per example ``w ~ U[w_min, w_max]``, ``t ~ U[0, 1]``, ``z_t = α_t x + σ_t ε``; the target is
+  the frozen teacher's ``(1+w)·x̂_c − w·x̂_u`` from one batched forward pass (conditional and
+  null-label halves concatenated); the loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̂^w_θ(z_t)‖²``.
+  ``frozen`` is the teacher's parameters.
+  """
+  def objective(params, frozen, batch, key):
+    x, labels = batch["image"], batch["label"]
+    b = x.shape[0]
+    k_t, k_eps, k_w = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, (b,))
+    w = guidance.sample_w(k_w, b, w_min, w_max)
+    z, logsnr = _noisy_batch(x, k_eps, t)
+    target = jax.lax.stop_gradient(
+        denoiser.guided_x_prediction(teacher, frozen, z, t, labels, w))
+    x_pred = denoiser.x_prediction(student, params, z, t, labels, w)
+    loss = jnp.mean(weighted_x_loss(x_pred, target, logsnr))
+    return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
+  return objective
+
+
+def stage_two_target(teacher_denoise_fn, z_t, t, num_student_steps):
+  """Target ``x̃`` of progressive distillation (Algorithm 2, as in PD; DESIGN.md §1).
+
+  The teacher takes two DDIM steps of ``1/(2N)`` each, ``t → t' = t − 0.5/N → t'' = t − 1/N``
+  (``N = num_student_steps``); ``x̃`` is the x-prediction with which **one** DDIM step from ``t``
+  lands on the teacher's ``z_t''``:
+
+      x̃ = (z_t'' − (σ_t''/σ_t)·z_t) / (α_t'' − (σ_t''/σ_t)·α_t).
+
+  Edge cases (times are clipped at 0): when ``t'' = 0`` the teacher's last step ends on the data
+  and ``x̃ = x̂'``, its x-prediction at ``t'``; when ``t' = 0`` (a start time ``1/(2N)`` of the
+  finer grid used for the stochastic sampler) ``x̃ = x̂``, the teacher's one step to 0.
+  ``t`` has one value per example; ``num_student_steps`` may be a traced scalar.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  n = jnp.asarray(num_student_steps, jnp.float32)
+  t_mid = jnp.maximum(t - 0.5 / n, 0.0)
+  t_end = jnp.maximum(t - 1.0 / n, 0.0)
+  lam_t, lam_mid, lam_end = (schedules.cosine_logsnr(u) for u in (t, t_mid, t_end))
+  x_t = teacher_denoise_fn(z_t, t)
+  z_mid = diffusion.ddim_step(z_t, x_t, lam_t, lam_mid)
+  x_mid = teacher_denoise_fn(z_mid, t_mid)
+  z_end = diffusion.ddim_step(z_mid, x_mid, lam_mid, lam_end)
+  alpha_t, sigma_t = schedules.alpha_sigma(diffusion.per_example(lam_t, z_t, "t"))
+  alpha_e, sigma_e = schedules.alpha_sigma(diffusion.per_example(lam_end, z_t, "t"))
+  ratio = sigma_e / sigma_t
+  x_two_steps = (z_end - ratio * z_t) / (alpha_e - ratio * alpha_t)
+  at = lambda cond: diffusion.per_example(cond, z_t, "t")
+  return jnp.where(at(t_mid <= 0.0), x_t, jnp.where(at(t_end <= 0.0), x_mid, x_two_steps))
+
+
+def stage_two_times(key, batch_size: int, num_student_steps, *, for_stochastic: bool):
+  """Start times of stage two: ``t = i/N``, ``i ~ U{1..N}`` (Algorithm 2).
+
+  With ``for_stochastic`` the start times come from the teacher's finer grid ``t = i/(2N)``,
+  ``i ~ U{1..2N}``, so the student also jumps ``1/N`` from every point of the ``1/(2N)`` grid:
+  what the stochastic sampler (Eq. 4–7) with ``2N`` evaluations asks of it.
+  """
+  grid = jnp.asarray(num_student_steps, jnp.int32) * (2 if for_stochastic else 1)
+  i = jax.random.randint(key, (batch_size,), 1, grid + 1)
+  return i.astype(jnp.float32) / grid.astype(jnp.float32)
+
+
+def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: bool = False):
+  """Stage two (Algorithm 2): one student step does what two teacher steps do.
+
+  The teacher is the previous student (same network, frozen parameters); ``w`` is shared by
+  teacher and student. Loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̃‖²`` with ``x̃ = stage_two_target``.
+  ``frozen = {"params": teacher_params, "num_student_steps": N}``.
+  """
+  def objective(params, frozen, batch, key):
+    x, labels = batch["image"], batch["label"]
+    b = x.shape[0]
+    n = frozen["num_student_steps"]
+    k_t, k_eps, k_w = jax.random.split(key, 3)
+    t = stage_two_times(k_t, b, n, for_stochastic=for_stochastic)
+    w = guidance.sample_w(k_w, b, w_min, w_max)
+    z, logsnr = _noisy_batch(x, k_eps, t)
+    teacher_fn = denoiser.denoise_fn(student, frozen["params"], labels, w)
+    target = jax.lax.stop_gradient(stage_two_target(teacher_fn, z, t, n))
+    x_pred = denoiser.x_prediction(student, params, z, t, labels, w)
+    loss = jnp.mean(weighted_x_loss(x_pred, target, logsnr))
+    return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective

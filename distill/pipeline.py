@@ -1,18 +1,33 @@
-"""The pipeline: each stage of ``config.stages`` in order, each resuming from its checkpoints.
+"""The pipeline: teacher → stage one → every halving of stage two, each resuming on a rerun.
 
-Stage directories under the workdir: ``teacher/`` (checkpoints, sample grids, TensorBoard).
+Workdir layout::
+
+    manifest.json         the run's config (hash) and the stages completed, with steps and times
+    teacher/              checkpoints/, samples/, TensorBoard events
+    stage_one/            the w-conditioned student of paper §3.1 (Algorithm 1)
+    stage_two/N=<n>/      the student with n sampling steps (Algorithm 2), one per halving
+
+Each link of the chain trains with the one loop of ``distill/train.py``; only its objective and
+its frozen teacher differ. A link hands its EMA parameters on (equal to its parameters when
+``ema_decay = 0``). Rerunning the same command resumes: a finished link returns at once from its
+final checkpoint, an interrupted one continues from its newest readable checkpoint, and a link
+whose stage is not in ``config.stages`` is read from the workdir when a later link needs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
 import zlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from etils import epath
 
-from distill import (config_validation, denoiser, diffusion, input_pipeline, losses, models,
-                     sharding, train)
+from distill import (checkpoints, config_validation, denoiser, diffusion, input_pipeline, losses,
+                     manifest, models, sharding, train)
 
 
 def stage_key(config, name: str) -> jax.Array:
@@ -24,48 +39,182 @@ def make_mesh(config):
   return sharding.make_mesh(None if config.num_devices == -1 else config.num_devices)
 
 
-def guided_sample_fn(model, config, *, w_values, num_steps: int, per_row: int | None = None):
-  """``sample_fn(state)`` for progress grids: guided DDIM of the EMA params, a row per ``w``."""
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """One trained model of the chain: ``teacher``, ``stage_one`` or a halving ``stage_two/N=n``."""
+  name: str
+  stage: str  # the entry of config.stages that trains it
+  index: int  # position in the chain (varies the data order between links)
+  num_steps: int | None = None  # sampling steps of a stage-two student
+
+  def directory(self, workdir) -> epath.Path:
+    return epath.Path(workdir) / self.name
+
+
+def halvings(config) -> list[int]:
+  """Student step counts of stage two: ``start/2, start/4, …, end``."""
+  n, out = int(config.stage_two.start_num_steps), []
+  while n > int(config.stage_two.end_num_steps):
+    n //= 2
+    out.append(n)
+  return out
+
+
+def chain(config) -> list[Link]:
+  links = [Link("teacher", "teacher", 0), Link("stage_one", "stage_one", 1)]
+  links += [Link(f"stage_two/N={n}", "stage_two", 2 + i, n)
+            for i, n in enumerate(halvings(config))]
+  return links
+
+
+def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
+  """``config.stage_two`` with ``num_train_steps`` of the halving to ``num_steps`` steps."""
+  cfg = config.stage_two
+  long = 0 < num_steps <= cfg.long_halving_max_steps
+  section = ml_collections.ConfigDict(cfg.to_dict())
+  section.num_train_steps = int(cfg.long_halving_train_steps if long else
+                                cfg.train_steps_per_halving)
+  return section
+
+
+def section_of(config, link: Link):
+  return halving_section(config, link.num_steps) if link.stage == "stage_two" else config[link.name]
+
+
+def teacher_model(config):
+  return models.build_unet(config)
+
+
+def student_model(config, *, dropout: float = 0.0):
+  return models.build_unet(config, use_w_embedding=True, dropout=dropout)
+
+
+def sample_fn(model, config, *, w_values, num_steps: int, guided: bool, per_row: int | None = None):
+  """``sample_fn(state)`` for progress grids: DDIM of the EMA params, a row per ``w``.
+
+  ``guided``: the teacher, two network evaluations per step; otherwise a w-conditioned student.
+  """
   per_row = per_row or min(config.data.num_classes, 10)
   rows = len(w_values)
   labels = jnp.tile(jnp.arange(per_row) % config.data.num_classes, rows)
   w = jnp.repeat(jnp.asarray(w_values, jnp.float32), per_row)
   z1 = jax.random.normal(jax.random.key(1234), models.model_input_shape(config, rows * per_row))
+  make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit
   def sample(params):
-    fn = denoiser.guided_denoise_fn(model, params, labels, w)
-    return diffusion.sample_deterministic(fn, z1, num_steps)
+    return diffusion.sample_deterministic(make_fn(model, params, labels, w), z1, num_steps)
 
   return lambda state: (sample(state.ema_params), rows)
 
 
+def _abstract_params(model, config, mesh):
+  shapes = jax.eval_shape(
+      lambda: models.init_params(model, jax.random.key(0), models.model_input_shape(config)))
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      shapes)
+
+
+def read_final_params(config, workdir, link: Link, mesh):
+  """The EMA parameters of a link that finished in an earlier run, or a clear error."""
+  model = teacher_model(config) if link.name == "teacher" else student_model(config)
+  directory = link.directory(workdir)
+  want = int(section_of(config, link).num_train_steps)
+  try:
+    _, step = checkpoints.state_dir(directory)
+  except ValueError:
+    step = 0
+  if step < want:
+    raise ValueError(f"{link.name} is not complete in {str(directory)!r} (step {step} of "
+                     f"{want}): add {link.stage} to --config.stages to train it, or start from "
+                     "an existing teacher with --config.teacher.checkpoint=PATH.")
+  return checkpoints.read_params(directory / "checkpoints" / str(want),
+                                 _abstract_params(model, config, mesh), what=link.name)[1]
+
+
+def read_teacher_checkpoint(config, mesh):
+  """The EMA parameters of ``config.teacher.checkpoint`` after an architecture check."""
+  path = config.teacher.checkpoint
+  step, params = checkpoints.read_params(
+      path, _abstract_params(teacher_model(config), config, mesh), what="teacher")
+  logging.info("teacher: read EMA parameters of step %d from %s", step, path)
+  return params
+
+
+def train_link(config, workdir, link: Link, mesh, teacher_params) -> train.TrainState:
+  """Trains one link of the chain; ``teacher_params`` are the previous link's (None for it)."""
+  section = section_of(config, link)
+  key = stage_key(config, link.name)
+  batches = input_pipeline.train_batches(config.data, global_batch_size=section.batch_size,
+                                         seed=config.seed + link.index)
+  shape = models.model_input_shape(config)
+  if link.name == "teacher":
+    model = teacher_model(config)
+    objective = losses.teacher_objective(model, p_uncond=section.p_uncond)
+    init = lambda: models.init_params(model, jax.random.fold_in(key, 0), shape)
+    frozen = None
+    grids = dict(model=model, w_values=section.sample_w, num_steps=section.sample_steps,
+                 guided=True)
+  else:
+    model = student_model(config, dropout=section.dropout)
+    w_range = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
+    if link.name == "stage_one":
+      objective = losses.stage_one_objective(model, teacher_model(config), **w_range)
+      init = lambda: models.student_params_from_teacher(
+          teacher_params, models.init_params(model, jax.random.fold_in(key, 0), shape))
+      frozen = teacher_params
+      sample_steps = section.sample_steps
+    else:
+      objective = losses.stage_two_objective(model, for_stochastic=section.train_for_stochastic,
+                                             **w_range)
+      init = lambda: teacher_params  # the new student starts as its teacher
+      frozen = {"params": teacher_params,
+                "num_student_steps": jnp.asarray(link.num_steps, jnp.int32)}
+      sample_steps = link.num_steps
+    grids = dict(model=student_model(config), w_values=section.sample_w,
+                 num_steps=sample_steps, guided=False)
+  return train.train(
+      name=link.name, section=link.stage, stage_cfg=section, objective=objective,
+      init_params=init, frozen=frozen, batches=batches, mesh=mesh,
+      workdir=link.directory(workdir), config=config, base_key=jax.random.fold_in(key, 1),
+      sample_fn=sample_fn(config=config, **grids) if section.sample_every else None)
+
+
 def train_teacher(config, workdir, mesh) -> train.TrainState:
   """Trains the classifier-free-guided teacher (label dropout, v-prediction)."""
-  cfg = config.teacher
-  model = models.build_unet(config)
-  key = stage_key(config, "teacher")
-  batches = input_pipeline.train_batches(config.data, global_batch_size=cfg.batch_size,
-                                         seed=config.seed)
-  return train.train(
-      name="teacher", stage_cfg=cfg,
-      objective=losses.teacher_objective(model, p_uncond=cfg.p_uncond),
-      init_params=lambda: models.init_params(model, jax.random.fold_in(key, 0),
-                                             models.model_input_shape(config)),
-      frozen=None, batches=batches, mesh=mesh, workdir=epath.Path(workdir) / "teacher",
-      config=config, base_key=jax.random.fold_in(key, 1),
-      sample_fn=guided_sample_fn(model, config, w_values=cfg.sample_w,
-                                 num_steps=cfg.sample_steps) if cfg.sample_every else None)
+  return train_link(config, workdir, chain(config)[0], mesh, None)
 
 
 def run(config, workdir) -> None:
-  """Runs ``config.stages`` in order; a finished stage returns at once, so reruns resume."""
+  """Runs ``config.stages`` in order; finished links return at once, so reruns resume."""
   config_validation.validate(config, workdir, num_devices=_mesh_size(config),
                              process_count=jax.process_count())
+  stages = config_validation.stages_of(config)
+  record = manifest.Manifest(workdir)
+  record.check_config(config)
   mesh = make_mesh(config)
-  for stage in config_validation.stages_of(config):
-    if stage == "teacher":
-      train_teacher(config, workdir, mesh)
+  links = chain(config)
+  last = max(i for i, link in enumerate(links) if link.stage in stages)
+
+  params = None  # a function giving the previous link's EMA parameters
+  for link in links[:last + 1]:
+    if link.name == "teacher" and config.teacher.checkpoint:
+      params = lambda: read_teacher_checkpoint(config, mesh)
+      if "teacher" in stages:
+        logging.info("teacher: not trained, --config.teacher.checkpoint=%s is used instead",
+                     config.teacher.checkpoint)
+      continue
+    if link.stage not in stages:
+      params = lambda link=link: read_final_params(config, workdir, link, mesh)
+      continue
+    teacher_params = params() if params is not None else None
+    start = time.time()
+    was_complete = record.is_complete(link.name)
+    state = train_link(config, workdir, link, mesh, teacher_params)
+    if not was_complete:
+      record.complete(link.name, step=int(state.step), seconds=time.time() - start)
+    params = lambda state=state: state.ema_params
 
 
 def _mesh_size(config) -> int:

@@ -87,7 +87,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
     key = jax.random.fold_in(base_key, state.step)
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params, frozen, batch, key)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -132,9 +132,12 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
 
 
 def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[], Any],
-          frozen, batches, mesh, workdir, config, base_key, writer=None,
+          frozen, batches, mesh, workdir, config, base_key, writer=None, section: str | None = None,
           sample_fn: Callable[[TrainState], tuple[np.ndarray, int]] | None = None) -> TrainState:
   """Trains one stage to ``stage_cfg.num_train_steps``, resuming from its checkpoints.
+
+  ``name`` labels logs; ``section`` (default ``name``) is the config section that error
+  messages point to.
 
   ``workdir`` is the stage's directory (checkpoints in ``workdir/checkpoints``, sample grids in
   ``workdir/samples``); ``batches[step]`` is the process-local batch of ``step``;
@@ -147,7 +150,9 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
   ckpts = checkpoints.Checkpoints(workdir / "checkpoints", max_to_keep=stage_cfg.max_to_keep)
   restored_step, state = ckpts.restore_latest(abstract_state(make_state, mesh))
   if state is None:
-    state = jax.device_put(make_state(), sharding.replicated(mesh))
+    # A copy: the step donates the state, and init_params may return the caller's arrays
+    # (a halving's student starts as its frozen teacher).
+    state = jax.device_put(make_state(), sharding.replicated(mesh), may_alias=False)
     logging.info("%s: starting from step 0", name)
   else:
     logging.info("%s: resuming from checkpoint at step %d", name, restored_step)
@@ -173,7 +178,7 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
       raise NonFiniteError(
           f"{name}: {max_in_row} consecutive steps (up to step {step}) had a non-finite loss or "
           f"gradient and were skipped; the last checkpoint holds the state before them. Lower "
-          f"the learning rate or raise {name}.max_consecutive_nonfinite.")
+          f"the learning rate or raise {section or name}.max_consecutive_nonfinite.")
 
   pending, previous = [], None
   t0 = time.time()

@@ -216,7 +216,8 @@ def test_cli_runs_with_flag_overrides_and_refuses_missing_workdir(tmp_path):
   base = [sys.executable, "-m", "distill.main", f"--config={REPO}/configs/digits.py:runlocal"]
   bad = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--workdir is missing" in bad.stderr
-  ok = subprocess.run(base + [f"--workdir={tmp_path}/run", "--config.teacher.num_train_steps=2",
+  ok = subprocess.run(base + [f"--workdir={tmp_path}/run", "--config.stages=teacher",
+                              "--config.teacher.num_train_steps=2",
                               "--config.teacher.checkpoint_every=2"],
                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert ok.returncode == 0, ok.stderr[-3000:]

@@ -1,0 +1,82 @@
+"""Wall time of every stage of the digits pipeline, peak memory, and sample grids.
+
+    python bench/pipeline_digits.py --workdir=runs/bench_digits [--config=configs/digits.py]
+
+Runs ``distill.pipeline.run`` (a fresh workdir measures everything; a finished one only
+re-renders), then prints a Markdown table of each link's wall time and steps/s from
+``manifest.json``, the process's peak resident memory, and writes PNG grids to
+``WORKDIR/bench/``: the teacher with guided DDIM at 2×256 steps (rows w = 0, 1, 4) and each
+student at its own step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from distill import images, pipeline
+from distill.config_utils import load_config
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="configs/digits.py")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--teacher_steps", type=int, default=256)
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)  # progress lines, as under distill.main
+  config = load_config(args.config)
+  workdir = epath.Path(args.workdir)
+  start = time.time()
+  pipeline.run(config, workdir)
+  total = time.time() - start
+  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+  manifest = json.loads((workdir / "manifest.json").read_text())
+  mesh = pipeline.make_mesh(config)
+  out = workdir / "bench"
+  w_values = (0.0, 1.0, 4.0)
+  grids = {}
+  for link in pipeline.chain(config):
+    params = pipeline.read_final_params(config, workdir, link, mesh)
+    if link.name == "teacher":
+      model, steps, guided = pipeline.teacher_model(config), args.teacher_steps, True
+    else:
+      model, guided = pipeline.student_model(config), False
+      steps = link.num_steps or config.stage_one.sample_steps
+    fn = pipeline.sample_fn(model, config, w_values=w_values, num_steps=steps, guided=guided)
+    t0 = time.time()
+    samples, rows = fn(type("S", (), {"ema_params": params}))
+    samples = np.asarray(samples)
+    seconds = time.time() - t0
+    name = f"{link.name.replace('/', '_')}_{steps}steps.png"
+    images.save_png(images.grid(samples, rows=rows), out / name, scale=4)
+    grids[link.name] = (name, steps, seconds)
+
+  print(f"# python {' '.join(sys.argv)}")
+  print(f"# {platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s), "
+        f"jax {jax.__version__}; this invocation {total:.0f} s, peak RSS {peak_gib:.2f} GiB")
+  print("| link | steps | wall (s) | steps/s | grid |")
+  print("|---|---|---|---|---|")
+  stage_total = 0.0
+  for link in pipeline.chain(config):
+    entry = manifest["stages"].get(link.name, {})
+    seconds = entry.get("seconds", float("nan"))
+    stage_total += seconds
+    steps = entry.get("final_step", 0)
+    print(f"| {link.name} | {steps} | {seconds:.0f} | {steps / seconds:.1f} | "
+          f"{grids[link.name][0]} ({grids[link.name][1]} sampling steps) |")
+  print(f"| **all stages** | | **{stage_total:.0f}** ({stage_total / 60:.1f} min) | | |")
+
+
+if __name__ == "__main__":
+  main()

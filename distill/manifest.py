@@ -1,0 +1,88 @@
+"""``workdir/manifest.json``: the run's config (and its hash) and the links completed.
+
+A rerun with a config whose result-relevant fields differ from the recorded ones is refused
+with the fields that changed, rather than silently mixing two runs. Fields that do not change
+what is trained are left out of the hash: which stages run now, the device count, logging,
+checkpoint and sample-grid intervals, the data directory and the evaluation settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import jax
+from etils import epath
+
+IGNORED_TOP = ("stages", "num_devices", "eval")
+IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_keep",
+                      "max_consecutive_nonfinite", "sample_w", "sample_steps", "data_dir")
+
+
+def relevant_config(config) -> dict:
+  """The config as JSON-able nested dicts, without the fields listed above."""
+  tree = json.loads(config.to_json_best_effort())
+  out = {}
+  for key, value in tree.items():
+    if key in IGNORED_TOP:
+      continue
+    if isinstance(value, dict):
+      value = {k: v for k, v in value.items() if k not in IGNORED_IN_SECTION}
+    out[key] = value
+  return out
+
+
+def config_hash(config) -> str:
+  blob = json.dumps(relevant_config(config), sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+class Manifest:
+  """Reads and (on process 0, atomically) writes ``workdir/manifest.json``."""
+
+  def __init__(self, workdir):
+    self.path = epath.Path(workdir) / "manifest.json"
+    self.data = json.loads(self.path.read_text()) if self.path.exists() else None
+
+  def check_config(self, config) -> None:
+    """Records the config on a new workdir; refuses a changed one on an existing workdir."""
+    digest = config_hash(config)
+    if self.data is None:
+      self.data = {"config_hash": digest, "config": relevant_config(config), "stages": {}}
+      self._write()
+      return
+    if self.data["config_hash"] != digest:
+      old, new = _flatten(self.data["config"]), _flatten(relevant_config(config))
+      changed = [f"{k}: {old.get(k, 'absent')!r} -> {new.get(k, 'absent')!r}"
+                 for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+      raise ValueError(
+          f"the config differs from the one this workdir was started with ({self.path}): "
+          f"{'; '.join(changed[:5])}{' …' if len(changed) > 5 else ''}; rerun with the "
+          "original settings or use a new --workdir.")
+
+  def is_complete(self, name: str) -> bool:
+    return name in self.data["stages"]
+
+  def complete(self, name: str, *, step: int, seconds: float) -> None:
+    self.data["stages"][name] = {"final_step": step, "seconds": round(seconds, 1),
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    self._write()
+
+  def _write(self) -> None:
+    if jax.process_index() != 0:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = self.path.parent / (self.path.name + ".tmp")
+    tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(self.path)

@@ -1,0 +1,210 @@
+"""The whole pipeline on the tiny digits config: teacher → stage one → halvings 8 → 4 → 2 → 1.
+
+One uninterrupted run (module fixture) is the reference. A second run in subprocesses is killed
+with SIGKILL in stage one and again in the middle of a halving (right after it starts an
+asynchronous checkpoint save), then rerun with the same command: every link's final parameters
+must be bit-identical to the reference. Also: a changed config and a mismatched teacher are
+refused, a teacher read from ``teacher.checkpoint`` reproduces stage one exactly, and the
+stage-one objective matches its closed form at initialisation.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from distill import losses, models, pipeline, schedules
+from distill.config_utils import load_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# Runs distill.main in a subprocess; KILL_AT="<link>:<step>" makes the process SIGKILL itself
+# right after asking Orbax to save that step (the save may or may not have completed).
+DRIVER = r"""
+import os, signal, sys
+from absl import app
+from distill import checkpoints, main
+link, step = os.environ["KILL_AT"].rsplit(":", 1)
+original = checkpoints.Checkpoints.save
+def save(self, at, state, config):
+  original(self, at, state, config)
+  if self.directory.parent.as_posix().endswith(link) and at == int(step):
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoints.Checkpoints.save = save
+sys.argv = ["distill.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+def tiny_config():
+  config = load_config("digits:runlocal")
+  config.num_devices = 1  # the same mesh in this process and in the subprocesses
+  return config
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  pipeline.run(tiny_config(), workdir)
+  return workdir
+
+
+def final_params(workdir):
+  config = tiny_config()
+  mesh = pipeline.make_mesh(config)
+  return {link.name: jax.device_get(pipeline.read_final_params(config, workdir, link, mesh))
+          for link in pipeline.chain(config)}
+
+
+def _equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def test_tiny_pipeline_runs_every_link(reference):
+  config = tiny_config()
+  names = [link.name for link in pipeline.chain(config)]
+  assert names == ["teacher", "stage_one", "stage_two/N=4", "stage_two/N=2", "stage_two/N=1"]
+  manifest = json.loads((reference / "manifest.json").read_text())
+  assert sorted(manifest["stages"]) == sorted(names)
+  assert all(entry["final_step"] == 6 for entry in manifest["stages"].values())
+  for name in names:  # a grid of the student's own step count after every link
+    assert (reference / name / "samples" / "step_00000006.png").is_file()
+  params = final_params(reference)
+  assert "w_embed" in params["stage_one"] and "w_embed" not in params["teacher"]
+  assert not _equal(params["stage_two/N=2"], params["stage_two/N=1"])  # each halving trained
+
+
+def _cli(workdir, *, kill_at=None, extra=()):
+  env = dict(os.environ)
+  args = [f"--config={REPO}/configs/digits.py:runlocal", f"--workdir={workdir}",
+          "--config.num_devices=1", *extra]
+  if kill_at:
+    env["KILL_AT"] = kill_at
+    cmd = [sys.executable, "-c", DRIVER, *args]
+  else:
+    cmd = [sys.executable, "-m", "distill.main", *args]
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, reference):
+  workdir = tmp_path / "killed"
+  first = _cli(workdir, kill_at="stage_one:3")
+  assert first.returncode == -9, first.stderr[-2000:]
+  stages = json.loads((workdir / "manifest.json").read_text())["stages"]
+  assert "teacher" in stages and "stage_one" not in stages
+  second = _cli(workdir, kill_at="stage_two/N=2:3")
+  assert second.returncode == -9, second.stderr[-2000:]
+  stages = json.loads((workdir / "manifest.json").read_text())["stages"]
+  assert "stage_two/N=4" in stages and "stage_two/N=2" not in stages
+  third = _cli(workdir)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert "resuming from checkpoint" in third.stderr
+  resumed, straight = final_params(workdir), final_params(reference)
+  for name in straight:
+    assert _equal(resumed[name], straight[name]), name
+  # A rerun of a finished pipeline trains nothing.
+  again = _cli(workdir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert not re.search(r"\S+ step \d+/\d+: loss", again.stderr)
+
+
+def test_changed_config_is_refused(reference):
+  config = tiny_config()
+  config.stage_one.lr = 5e-3
+  with pytest.raises(ValueError, match=r"stage_one.lr: 0.0003 -> 0.005; rerun with the "
+                                       "original settings or use a new --workdir") as info:
+    pipeline.run(config, reference)
+  assert "\n" not in str(info.value)
+  config = tiny_config()  # stages, devices and logging intervals may change on resume
+  config.stages = "stage_two"
+  config.num_devices = 2
+  config.stage_two.log_every = 3
+  pipeline.run(config, reference)
+
+
+def test_imported_teacher_reproduces_stage_one(tmp_path, reference):
+  config = tiny_config()
+  config.stages = "stage_one"
+  config.teacher.checkpoint = str(reference / "teacher")
+  pipeline.run(config, tmp_path)
+  assert not (tmp_path / "teacher").exists()
+  mesh = pipeline.make_mesh(config)
+  link = pipeline.chain(config)[1]
+  imported = pipeline.read_final_params(config, tmp_path, link, mesh)
+  original = pipeline.read_final_params(config, reference, link, mesh)
+  assert _equal(jax.device_get(imported), jax.device_get(original))
+
+
+def test_mismatched_teacher_is_refused_before_training(tmp_path, reference):
+  config = tiny_config()
+  config.stages = "stage_one,stage_two"
+  config.model.ch = 32
+  config.model.num_groups = 8
+  config.teacher.checkpoint = str(reference / "teacher" / "checkpoints")
+  with pytest.raises(ValueError, match=r"teacher checkpoint .* does not match the model config "
+                                       r"at parameter \S+: checkpoint shape \(\d+,.*\) vs config "
+                                       r"shape") as info:
+    pipeline.run(config, tmp_path)
+  assert "\n" not in str(info.value)
+  assert not (tmp_path / "stage_one").exists()
+
+
+def test_missing_earlier_stage_is_a_clear_error(tmp_path):
+  config = tiny_config()
+  config.stages = "stage_two"
+  with pytest.raises(ValueError, match="stage_one is not complete .* add stage_one to "
+                                       "--config.stages"):
+    pipeline.run(config, tmp_path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("start_num_steps", 12, "stage_two.start_num_steps=12 is not end_num_steps=1 times a power"),
+    ("end_num_steps", 8, "must be integers with 1 <= end_num_steps < start_num_steps"),
+    ("train_steps_per_halving", 0, "stage_two.train_steps_per_halving=0 must be > 0"),
+])
+def test_stage_two_validation(tmp_path, field, value, message):
+  config = tiny_config()
+  config.stage_two[field] = value
+  with pytest.raises(ValueError, match=message):
+    pipeline.run(config, tmp_path)
+
+
+def test_stage_one_objective_at_initialisation_is_the_closed_form():
+  """At initialisation the student is the teacher's conditional model, so for a fixed w the
+  loss is ω(λ)·w²·‖x̂_c − x̂_u‖² (since (1+w)x̂_c − w x̂_u − x̂_c = w (x̂_c − x̂_u))."""
+  config = tiny_config()
+  teacher = models.build_unet(config)
+  student = models.build_unet(config, use_w_embedding=True)
+  shape = (4, 8, 8, 1)
+  t_params = models.init_params(teacher, jax.random.key(0), shape)
+  flat, unravel = ravel_pytree(t_params)
+  t_params = unravel(0.2 * jax.random.normal(jax.random.key(1), flat.shape))
+  s_params = models.student_params_from_teacher(
+      t_params, models.init_params(student, jax.random.key(2), shape))
+  batch = {"image": jax.random.uniform(jax.random.key(3), shape, minval=-1, maxval=1),
+           "label": jnp.array([1, 3, 5, 7])}
+  key = jax.random.key(4)
+  for w in (0.0, 0.7, 3.0):
+    objective = losses.stage_one_objective(student, teacher, w_min=w, w_max=w)
+    loss, _ = objective(s_params, t_params, batch, key)
+    # The same draws of t and ε, then the closed form from two plain teacher evaluations.
+    k_t, k_eps, _ = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, (4,))
+    lam = np.asarray(schedules.cosine_logsnr(t))
+    eps = jax.random.normal(k_eps, shape)
+    alpha, sigma = (np.sqrt(1 / (1 + np.exp(s * lam)))[:, None, None, None] for s in (-1, 1))
+    z = alpha * np.asarray(batch["image"]) + sigma * np.asarray(eps)
+    def x_of(labels):
+      v = teacher.apply({"params": t_params}, jnp.asarray(z, jnp.float32), lam, labels)
+      return alpha * z - sigma * np.asarray(v)
+    diff = x_of(batch["label"]) - x_of(jnp.full((4,), 10))
+    expected = np.mean(np.maximum(np.exp(lam), 1.0) * w**2 * np.mean(diff**2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-3, atol=1e-6)
