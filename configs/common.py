@@ -12,9 +12,9 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   # Stages to run, in order, comma-separated (the pipeline skips finished ones): any subset of
-  # teacher, stage_one, stage_two. A stage not listed is read from the workdir when a later one
-  # needs it (it must be complete there).
-  config.stages = "teacher,stage_one,stage_two"
+  # teacher, stage_one, stage_two, eval. A stage not listed is read from the workdir when a
+  # later one needs it (it must be complete there).
+  config.stages = "teacher,stage_one,stage_two,eval"
   # Devices in the ('data',) mesh; -1 = every device of every process.
   config.num_devices = -1
 
@@ -79,6 +79,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage_two.train_for_stochastic = True
   config.stage_two.dropout = 0.0
   config.stage_two.sample_w = (0.0, 1.0, 4.0)
+
+  # Evaluation (paper Table 1, Fig. 2 and 6): FID / IS / class accuracy of the guided teacher
+  # (DDIM at teacher_steps, 2 evaluations each), of DDIM on the teacher at ddim_steps, and of the
+  # students at student_steps (deterministic and stochastic samplers), for every w and seed.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.w_values = (0.0, 0.3, 1.0, 4.0)
+  config.eval.num_samples = 1000  # per cell and seed, class-balanced
+  config.eval.seeds = (0, 1, 2)
+  config.eval.teacher_steps = 256
+  config.eval.ddim_steps = (1, 2, 4, 8, 16)
+  config.eval.student_steps = (1, 2, 4, 8, 16)
+  config.eval.samplers = ("deterministic", "stochastic")
+  config.eval.features = "digits"  # the project's digits classifier (digits-FID)
+  config.eval.classifier_seed = 0
+  config.eval.classifier_steps = 2000
+  config.eval.batch_size = 500
+  config.eval.pr_samples = 10_000  # samples per set for precision / recall
   return config
 
 
@@ -105,6 +122,27 @@ def train_section(*, batch_size: int, num_train_steps: int | None, lr: float, wa
   return s
 
 
+def paper_distillation(config, *, batch_size: int, lr: float, steps_per_halving: int) -> None:
+  """Distillation as in the paper (§3) and PD: w in [0, 4]; the stage-one student sampled with
+  1024 DDIM steps is the first teacher, halved down to 1 step; Adam, gradient clip 1.0, no EMA
+  and no dropout while distilling; stage one trains as long as one halving."""
+  for section in (config.stage_one, config.stage_two):
+    section.batch_size = batch_size
+    section.lr = lr
+    section.warmup_steps = 0
+    section.ema_decay = 0.0
+    section.dropout = 0.0
+    section.grad_clip = 1.0
+    section.checkpoint_every = 5000
+    section.sample_every = 10_000
+  config.stage_one.w_min = 0.0
+  config.stage_one.w_max = 4.0
+  config.stage_one.num_train_steps = steps_per_halving
+  config.stage_two.start_num_steps = 1024
+  config.stage_two.end_num_steps = 1
+  config.stage_two.train_steps_per_halving = steps_per_halving
+
+
 def shrink_for_cpu(config, *, steps: int = 6) -> None:
   """The ``runlocal`` variant: a few steps of every stage, halvings from 8 steps down to 1."""
   for name in ("teacher", "stage_one", "stage_two"):
@@ -122,6 +160,14 @@ def shrink_for_cpu(config, *, steps: int = 6) -> None:
   config.stage_two.end_num_steps = 1
   config.teacher.sample_steps = 4
   config.stage_one.sample_steps = 4
+  config.eval.w_values = (0.0, 1.0)
+  config.eval.num_samples = 20
+  config.eval.seeds = (0, 1)
+  config.eval.teacher_steps = 4
+  config.eval.ddim_steps = (1, 2)
+  config.eval.student_steps = (1, 2)
+  config.eval.classifier_steps = 200
+  config.eval.batch_size = 20
 
 
 def parse_arg(arg: str | None) -> dict:

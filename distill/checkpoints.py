@@ -113,6 +113,10 @@ def _shapes(tree) -> dict[str, tuple]:
   return {k: tuple(getattr(v, "shape", ())) for k, v in flat.items()}
 
 
+def _quiet_step_metadata(record) -> bool:
+  return "Metadata file does not exist" not in record.getMessage()
+
+
 def read_params(path, abstract_params, *, key: str = "ema_params", what: str = "teacher"):
   """Reads ``state[key]`` of a checkpoint into the shapes and shardings of ``abstract_params``.
 
@@ -120,7 +124,12 @@ def read_params(path, abstract_params, *, key: str = "ema_params", what: str = "
   of another shape, before reading any array.
   """
   directory, step = state_dir(path)
-  metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_quiet_step_metadata)  # the step's metadata sits one level up: expected
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+  finally:
+    absl_logger.removeFilter(_quiet_step_metadata)
   if key not in metadata:
     raise ValueError(f"{what} checkpoint {str(directory)!r} has no {key!r}: it was not written "
                      "by distill's training loop.")

@@ -7,7 +7,8 @@ from etils import epath
 from distill import input_pipeline
 from distill.models.factory import check_model_config
 
-STAGES = ("teacher", "stage_one", "stage_two")
+STAGES = ("teacher", "stage_one", "stage_two", "eval")
+TRAINED = ("teacher", "stage_one", "stage_two")
 
 
 def stages_of(config) -> list[str]:
@@ -64,7 +65,7 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   stages = stages_of(config)
   if config.num_devices != -1 and config.num_devices < 1:
     raise ValueError(f"num_devices={config.num_devices} must be >= 1, or -1 for all devices.")
-  for name in stages:
+  for name in (s for s in stages if s in TRAINED):
     if name == "teacher" and config.teacher.checkpoint:
       continue  # read, not trained
     check_train_section(name, config[name], num_devices=num_devices,
@@ -80,6 +81,24 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
     raise ValueError(f"stage_one.w_min={one.w_min} must be <= stage_one.w_max={one.w_max}.")
   if "stage_two" in stages:
     check_halvings(two)
+  if "eval" in stages:
+    check_eval(config)
+
+
+def check_eval(config) -> None:
+  from distill.evaluation import features  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  if e.features not in features.FEATURES or config.data.name != "digits":
+    raise ValueError(f"eval.features={e.features!r} for data.name={config.data.name!r}: only the "
+                     "digits classifier ('digits', on data.name='digits') is available; drop eval "
+                     "from --config.stages.")
+  if e.num_samples < 10 or not e.seeds or not e.w_values or e.batch_size < 1:
+    raise ValueError(f"eval.num_samples={e.num_samples} must be >= 10, and eval.seeds, "
+                     "eval.w_values non-empty, eval.batch_size >= 1.")
+  bad = [s for s in (e.teacher_steps, *e.ddim_steps) if not isinstance(s, int) or s < 1]
+  if bad or set(e.samplers) - {"deterministic", "stochastic"}:
+    raise ValueError(f"eval.teacher_steps/ddim_steps {bad} must be integers >= 1 and "
+                     f"eval.samplers={tuple(e.samplers)} a subset of (deterministic, stochastic).")
 
 
 def check_halvings(two) -> None:

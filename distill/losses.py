@@ -82,13 +82,14 @@ def stage_one_objective(student, teacher, *, w_min: float, w_max: float):
   def objective(params, frozen, batch, key):
     x, labels = batch["image"], batch["label"]
     b = x.shape[0]
-    k_t, k_eps, k_w = jax.random.split(key, 3)
+    k_t, k_eps, k_w, k_dropout = jax.random.split(key, 4)
     t = jax.random.uniform(k_t, (b,))
     w = guidance.sample_w(k_w, b, w_min, w_max)
     z, logsnr = _noisy_batch(x, k_eps, t)
     target = jax.lax.stop_gradient(
         denoiser.guided_x_prediction(teacher, frozen, z, t, labels, w))
-    x_pred = denoiser.x_prediction(student, params, z, t, labels, w)
+    x_pred = denoiser.x_prediction(student, params, z, t, labels, w, train=True,
+                                   rngs={"dropout": k_dropout})
     loss = jnp.mean(weighted_x_loss(x_pred, target, logsnr))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective
@@ -148,13 +149,14 @@ def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: 
     x, labels = batch["image"], batch["label"]
     b = x.shape[0]
     n = frozen["num_student_steps"]
-    k_t, k_eps, k_w = jax.random.split(key, 3)
+    k_t, k_eps, k_w, k_dropout = jax.random.split(key, 4)
     t = stage_two_times(k_t, b, n, for_stochastic=for_stochastic)
     w = guidance.sample_w(k_w, b, w_min, w_max)
     z, logsnr = _noisy_batch(x, k_eps, t)
     teacher_fn = denoiser.denoise_fn(student, frozen["params"], labels, w)
     target = jax.lax.stop_gradient(stage_two_target(teacher_fn, z, t, n))
-    x_pred = denoiser.x_prediction(student, params, z, t, labels, w)
+    x_pred = denoiser.x_prediction(student, params, z, t, labels, w, train=True,
+                                   rngs={"dropout": k_dropout})
     loss = jnp.mean(weighted_x_loss(x_pred, target, logsnr))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective

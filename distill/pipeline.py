@@ -6,6 +6,7 @@ Workdir layout::
     teacher/              checkpoints/, samples/, TensorBoard events
     stage_one/            the w-conditioned student of paper §3.1 (Algorithm 1)
     stage_two/N=<n>/      the student with n sampling steps (Algorithm 2), one per halving
+    report/               the eval stage: table.md/.csv, figures, grids, cells/ (one JSON each)
 
 Each link of the chain trains with the one loop of ``distill/train.py``; only its objective and
 its frozen teacher differ. A link hands its EMA parameters on (equal to its parameters when
@@ -195,7 +196,7 @@ def run(config, workdir) -> None:
   record.check_config(config)
   mesh = make_mesh(config)
   links = chain(config)
-  last = max(i for i, link in enumerate(links) if link.stage in stages)
+  last = max((i for i, link in enumerate(links) if link.stage in stages), default=-1)
 
   params = None  # a function giving the previous link's EMA parameters
   for link in links[:last + 1]:
@@ -215,6 +216,13 @@ def run(config, workdir) -> None:
     if not was_complete:
       record.complete(link.name, step=int(state.step), seconds=time.time() - start)
     params = lambda state=state: state.ema_params
+
+  if "eval" in stages and jax.process_index() == 0:
+    from distill.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+    start = time.time()
+    out = evaluate.run(config, workdir)
+    record.complete("eval", step=0, seconds=time.time() - start)
+    logging.info("eval: report written to %s", out)
 
 
 def _mesh_size(config) -> int:

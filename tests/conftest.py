@@ -25,3 +25,19 @@ import jax  # noqa: E402  (after the environment above)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+  """A workdir with the whole tiny digits pipeline (teacher → stage one → halvings 8 → 1) run
+  uninterrupted on one device; shared by every test that needs trained models."""
+  from distill import pipeline  # pylint: disable=import-outside-toplevel
+  from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config("digits:runlocal")
+  config.num_devices = 1
+  workdir = tmp_path_factory.mktemp("tiny_pipeline")
+  pipeline.run(config, workdir)
+  return workdir

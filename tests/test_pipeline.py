@@ -51,10 +51,8 @@ def tiny_config():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("reference")
-  pipeline.run(tiny_config(), workdir)
-  return workdir
+def reference(tiny_pipeline):
+  return tiny_pipeline
 
 
 def final_params(workdir):
@@ -73,8 +71,8 @@ def test_tiny_pipeline_runs_every_link(reference):
   names = [link.name for link in pipeline.chain(config)]
   assert names == ["teacher", "stage_one", "stage_two/N=4", "stage_two/N=2", "stage_two/N=1"]
   manifest = json.loads((reference / "manifest.json").read_text())
-  assert sorted(manifest["stages"]) == sorted(names)
-  assert all(entry["final_step"] == 6 for entry in manifest["stages"].values())
+  assert sorted(manifest["stages"]) == sorted(names + ["eval"])
+  assert all(manifest["stages"][name]["final_step"] == 6 for name in names)
   for name in names:  # a grid of the student's own step count after every link
     assert (reference / name / "samples" / "step_00000006.png").is_file()
   params = final_params(reference)
@@ -85,7 +83,7 @@ def test_tiny_pipeline_runs_every_link(reference):
 def _cli(workdir, *, kill_at=None, extra=()):
   env = dict(os.environ)
   args = [f"--config={REPO}/configs/digits.py:runlocal", f"--workdir={workdir}",
-          "--config.num_devices=1", *extra]
+          "--config.num_devices=1", "--config.stages=teacher,stage_one,stage_two", *extra]
   if kill_at:
     env["KILL_AT"] = kill_at
     cmd = [sys.executable, "-c", DRIVER, *args]
@@ -196,7 +194,7 @@ def test_stage_one_objective_at_initialisation_is_the_closed_form():
     objective = losses.stage_one_objective(student, teacher, w_min=w, w_max=w)
     loss, _ = objective(s_params, t_params, batch, key)
     # The same draws of t and ε, then the closed form from two plain teacher evaluations.
-    k_t, k_eps, _ = jax.random.split(key, 3)
+    k_t, k_eps, _, _ = jax.random.split(key, 4)
     t = jax.random.uniform(k_t, (4,))
     lam = np.asarray(schedules.cosine_logsnr(t))
     eps = jax.random.normal(k_eps, shape)

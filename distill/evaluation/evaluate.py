@@ -1,0 +1,147 @@
+"""The ``eval`` stage: every (method, steps, w, seed) cell of a Table-1-style comparison.
+
+Methods (paper Table 1, Fig. 2 and 6):
+
+* ``teacher``: the guided teacher with DDIM at ``eval.teacher_steps`` steps (two network
+  evaluations per step, batched) — the reference;
+* ``ddim``: the same teacher with DDIM at each of ``eval.ddim_steps`` — the baseline at a
+  budget of ``2·steps`` evaluations;
+* ``student``: the stage-two student with N steps, ``N`` in ``eval.student_steps`` (those that
+  were trained), deterministic sampler (N evaluations);
+* ``student_stochastic``: the same student with the stochastic sampler (2N evaluations).
+
+Every cell draws ``eval.num_samples`` class-balanced samples per seed and writes its metrics to
+``report/cells/<cell>.json`` (atomically): a rerun computes only the missing cells. Metrics: FID
+against the training split's features, Inception-Score analogue, class accuracy (the share
+classified as the conditioning label), improved precision and recall.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+from etils import epath
+
+from distill import images, sample
+from distill.evaluation import features, metrics, report
+
+METHODS = ("teacher", "ddim", "student", "student_stochastic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  method: str
+  steps: int  # the model's/sampler's step count (a student: its trained N)
+  w: float
+  seed: int
+
+  @property
+  def nfe(self) -> int:
+    """Network evaluations per sample."""
+    return {"teacher": 2, "ddim": 2, "student": 1, "student_stochastic": 2}[self.method] * self.steps
+
+  @property
+  def key(self) -> str:
+    return f"{self.method}_steps{self.steps}_w{self.w:g}_seed{self.seed}"
+
+
+def plan(config, workdir) -> list[Cell]:
+  cfg = config.eval
+  trained = set(sample.available_students(workdir))
+  rows = [("teacher", int(cfg.teacher_steps))]
+  rows += [("ddim", int(s)) for s in cfg.ddim_steps]
+  for n in cfg.student_steps:
+    if int(n) not in trained:
+      logging.warning("eval: no stage-two student with %d steps in %s; skipped.", n, workdir)
+      continue
+    rows.append(("student", int(n)))
+    if "stochastic" in cfg.samplers:
+      rows.append(("student_stochastic", int(n)))
+  return [Cell(m, s, float(w), int(seed)) for m, s in rows for w in cfg.w_values
+          for seed in cfg.seeds]
+
+
+def _generate(loaded, cell: Cell, config) -> tuple[np.ndarray, np.ndarray]:
+  n = int(config.eval.num_samples)
+  labels = np.arange(n) % config.data.num_classes
+  sampler = "stochastic" if cell.method == "student_stochastic" else "deterministic"
+  num_steps = None if cell.method.startswith("student") else cell.steps
+  x = sample.generate(loaded, sampler=sampler, num_steps=num_steps, labels=labels,
+                      w=np.full(n, cell.w), seed=cell.seed, batch_size=config.eval.batch_size)
+  return x, labels
+
+
+def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int) -> dict:
+  feats, probs = [], []
+  for i in range(0, len(x), 1000):
+    f, p = extract(x[i:i + 1000])
+    feats.append(f)
+    probs.append(p)
+  feats, probs = np.concatenate(feats), np.concatenate(probs)
+  stats = metrics.FeatureStats(feats.shape[1])
+  stats.update(feats)
+  mu, sigma, _ = ref_stats
+  is_mean, _ = metrics.inception_score(probs, num_splits=min(10, len(probs)))
+  precision, recall = metrics.precision_recall(real_feats[:pr_samples], feats[:pr_samples])
+  return {"fid": metrics.frechet_distance(stats.mean, stats.cov, mu, sigma), "is": is_mean,
+          "class_accuracy": float(np.mean(np.argmax(probs, axis=1) == labels)),
+          "precision": precision, "recall": recall, "num_samples": int(len(x))}
+
+
+def _write_json(path, data) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+  tmp.replace(path)
+
+
+def run(config, workdir) -> epath.Path:
+  """Computes the missing cells, then writes ``workdir/report/`` (table, figures, grids)."""
+  workdir = epath.Path(workdir)
+  out = workdir / "report"
+  extract, info = features.make_extractor(config, workdir)
+  ref_stats = features.reference_stats(config, extract, out)
+  real_train, _ = features.real_features(config, extract, "train")
+  floor = floor_fid(config, extract, ref_stats)
+  cells = plan(config, workdir)
+  loaded = {}
+  for cell in cells:
+    path = out / "cells" / f"{cell.key}.json"
+    if path.exists():
+      continue
+    kind = "teacher" if cell.method in ("teacher", "ddim") else "student"
+    model_key = (kind, None if kind == "teacher" else cell.steps)
+    if model_key not in loaded:
+      loaded.clear()  # one model in memory at a time
+      loaded[model_key] = sample.load_model(workdir, kind, num_steps=model_key[1],
+                                            config=config)
+    t0 = time.time()
+    x, labels = _generate(loaded[model_key], cell, config)
+    result = cell_metrics(extract, x, labels, ref_stats, real_train,
+                          pr_samples=int(config.eval.pr_samples))
+    result.update(dataclasses.asdict(cell), nfe=cell.nfe, seconds=round(time.time() - t0, 1))
+    logging.info("eval %s: FID %.3f, IS %.2f, class accuracy %.3f (%.0f s)", cell.key,
+                 result["fid"], result["is"], result["class_accuracy"], result["seconds"])
+    if cell.seed == config.eval.seeds[0]:
+      grid = images.grid(x[:10 * config.data.num_classes], rows=config.data.num_classes) if (
+          len(x) >= 10 * config.data.num_classes) else images.grid(x, rows=1)
+      images.save_png(grid, out / "grids" / f"{cell.method}_steps{cell.steps}_w{cell.w:g}.png",
+                      scale=4)
+    _write_json(path, result)
+  results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
+  report.write(out, results, config=config, floor=floor, extractor=info)
+  return out
+
+
+def floor_fid(config, extract, ref_stats) -> dict:
+  """The real-vs-real floor: held-out split against the training split's statistics."""
+  feats, _ = features.real_features(config, extract, "held_out")
+  stats = metrics.FeatureStats(feats.shape[1])
+  stats.update(feats)
+  mu, sigma, _ = ref_stats
+  return {"fid": metrics.frechet_distance(stats.mean, stats.cov, mu, sigma),
+          "num_samples": int(len(feats))}

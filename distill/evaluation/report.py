@@ -1,0 +1,158 @@
+"""``report/``: the Table-1-style table (Markdown and CSV) and the figures, from cell results.
+
+* ``table.md`` / ``table.csv``: a row per (method, steps), for every w: FID (mean ± std over
+  seeds), IS, class accuracy; precision and recall in the CSV;
+* ``fid_vs_nfe.png``: FID against network evaluations, one curve per method, a panel per w
+  (paper Fig. 2/4 style), with the teacher's reference and the real-vs-real floor;
+* ``fid_is_tradeoff.png``: FID against IS as w varies (paper Fig. 6 style).
+
+The header of ``table.md`` states the command, config hash and git revision that produced it.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+from etils import epath
+
+from distill import manifest
+
+LABELS = {"teacher": "Teacher, guided DDIM", "ddim": "DDIM (teacher)",
+          "student": "Distilled, deterministic", "student_stochastic": "Distilled, stochastic"}
+
+
+def git_revision() -> str:
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=epath.Path(__file__).parent, timeout=10, check=True)
+    return out.stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def aggregate(results: list[dict]) -> dict:
+  """``{(method, steps, w): {metric: (mean, std)}, …}`` over seeds."""
+  groups = collections.defaultdict(list)
+  for r in results:
+    groups[(r["method"], r["steps"], r["w"])].append(r)
+  out = {}
+  for key, rs in groups.items():
+    out[key] = {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])))
+                for m in ("fid", "is", "class_accuracy", "precision", "recall")}
+    out[key]["nfe"] = rs[0]["nfe"]
+    out[key]["seeds"] = len(rs)
+  return out
+
+
+def _rows(agg):
+  order = {m: i for i, m in enumerate(LABELS)}
+  return sorted({(m, s) for m, s, _ in agg}, key=lambda r: (order[r[0]], r[1]))
+
+
+def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> None:
+  out = epath.Path(out)
+  agg = aggregate(results)
+  w_values = sorted({w for _, _, w in agg})
+  rows = _rows(agg)
+
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(["method", "steps", "nfe", "w", "seeds", "fid_mean", "fid_std", "is_mean",
+                   "is_std", "class_accuracy_mean", "class_accuracy_std", "precision_mean",
+                   "recall_mean"])
+  for m, s in rows:
+    for w in w_values:
+      a = agg[(m, s, w)]
+      writer.writerow([m, s, a["nfe"], w, a["seeds"], f"{a['fid'][0]:.4f}", f"{a['fid'][1]:.4f}",
+                       f"{a['is'][0]:.4f}", f"{a['is'][1]:.4f}", f"{a['class_accuracy'][0]:.4f}",
+                       f"{a['class_accuracy'][1]:.4f}", f"{a['precision'][0]:.4f}",
+                       f"{a['recall'][0]:.4f}"])
+  (out / "table.csv").write_text(buffer.getvalue())
+
+  seeds = len(config.eval.seeds)
+  lines = [
+      "# Guided distillation: FID / IS / class accuracy",
+      "",
+      f"- command: `{' '.join(sys.argv)}`",
+      f"- config hash {manifest.config_hash(config)}, data `{config.data.name}`, git revision "
+      f"{git_revision()}",
+      f"- features: {extractor['features']}"
+      + (f"; classifier held-out accuracy {extractor['classifier_held_out_accuracy']:.4f}"
+         if "classifier_held_out_accuracy" in extractor else ""),
+      f"- {config.eval.num_samples} samples per cell and seed, {seeds} seeds (mean ± std); "
+      f"reference statistics: training split",
+      f"- real-vs-real floor: held-out split ({floor['num_samples']} images) vs training split, "
+      f"FID {floor['fid']:.3f} (a smaller sample than the cells' inflates it)",
+      "",
+      "| method | steps | NFE | " + " | ".join(f"w = {w:g}" for w in w_values) + " |",
+      "|---|---|---|" + "---|" * len(w_values),
+  ]
+  for m, s in rows:
+    cells = []
+    for w in w_values:
+      a = agg[(m, s, w)]
+      cells.append(f"{a['fid'][0]:.3f} ± {a['fid'][1]:.3f} / {a['is'][0]:.2f} / "
+                   f"{100 * a['class_accuracy'][0]:.1f}%")
+    lines.append(f"| {LABELS[m]} | {s} | {agg[(m, s, w_values[0])]['nfe']} | "
+                 + " | ".join(cells) + " |")
+  lines += ["", "Each cell: FID (mean ± std over seeds) / IS / class accuracy.", ""]
+  (out / "table.md").write_text("\n".join(lines))
+  (out / "report.json").write_text(json.dumps(
+      {"floor": floor, "extractor": extractor, "cells": results}, indent=1, sort_keys=True))
+  _figures(out, agg, w_values, floor)
+
+
+def _figures(out, agg, w_values, floor) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, len(w_values), figsize=(4 * len(w_values), 3.4), squeeze=False)
+  for ax, w in zip(axes[0], w_values):
+    for method in ("ddim", "student", "student_stochastic"):
+      pts = sorted((a["nfe"], a["fid"]) for (m, _, ww), a in agg.items() if m == method and ww == w)
+      if pts:
+        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
+                    marker="o", capsize=2, label=LABELS[method])
+    for (m, s, ww), a in agg.items():
+      if m == "teacher" and ww == w:
+        ax.axhline(a["fid"][0], color="k", linestyle="--", label=f"teacher 2×{s}")
+    ax.axhline(floor["fid"], color="grey", linestyle=":", label="real vs real")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations")
+    ax.set_title(f"w = {w:g}")
+  axes[0][0].set_ylabel("FID")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, out / "fid_vs_nfe.png")
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for (m, s) in _rows(agg):
+    pts = [(agg[(m, s, w)]["is"][0], agg[(m, s, w)]["fid"][0]) for w in w_values]
+    if m == "ddim" and s != max(ss for mm, ss in _rows(agg) if mm == "ddim"):
+      continue  # the baseline's best budget only, to keep the figure readable
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{LABELS[m]}, {s} steps")
+  ax.set_xlabel("IS (classifier)")
+  ax.set_ylabel("FID")
+  ax.set_yscale("log")
+  ax.set_title("FID / IS trade-off as w varies")
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  _save(fig, out / "fid_is_tradeoff.png")
+  plt.close("all")
+
+
+def _save(fig, path) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(path)

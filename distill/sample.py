@@ -1,0 +1,209 @@
+"""Sampling from a workdir: ``python -m distill.sample --workdir=DIR [options]``.
+
+Picks a model of the chain — ``teacher`` (guided DDIM, two network evaluations per step, in one
+batched pass), ``stage_one`` (the w-conditioned student, DDIM with any step count) or
+``student`` (the stage-two student with ``--num_steps`` steps) — a sampler (``deterministic``:
+Eq. 2; ``stochastic``: Eq. 4–7, which asks a student with N steps for 2N evaluations), guidance
+weights, class labels, a count and a seed, and writes a PNG grid (a row per w) and an ``.npz``
+of the samples (``images`` in [−1, 1], ``labels``, ``w``).
+
+The library functions (``load_model``, ``generate``) serve the evaluation stage and notebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from distill import checkpoints, denoiser, diffusion, images, models, pipeline, sharding
+
+MODELS = ("teacher", "stage_one", "student")
+SAMPLERS = ("deterministic", "stochastic")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model of the chain with its EMA parameters and how it samples."""
+  kind: str  # teacher | stage_one | student
+  model: Any
+  params: Any
+  config: ml_collections.ConfigDict
+  num_steps: int | None = None  # a student's trained step count
+
+
+def workdir_config(workdir) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (the JSON saved with its first stage's checkpoints)."""
+  workdir = epath.Path(workdir)
+  for link in ("teacher", "stage_one"):
+    try:
+      _, step = checkpoints.state_dir(workdir / link)
+    except ValueError:
+      continue
+    saved = checkpoints.Checkpoints(workdir / link / "checkpoints", max_to_keep=None)
+    try:
+      return ml_collections.ConfigDict(saved.restore_config(step))
+    finally:
+      saved.close()
+  raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/ or stage_one/ "
+                   "checkpoints): run python -m distill.main --workdir=... first.")
+
+
+def available_students(workdir) -> list[int]:
+  root = epath.Path(workdir) / "stage_two"
+  found = []
+  if root.is_dir():
+    for d in root.iterdir():
+      if d.name.startswith("N=") and (d / "checkpoints").is_dir():
+        found.append(int(d.name[2:]))
+  return sorted(found)
+
+
+def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
+               mesh=None) -> LoadedModel:
+  """Reads a finished model of the chain from ``workdir``; clear errors for what is missing."""
+  if kind not in MODELS:
+    raise ValueError(f"model={kind!r} is not one of {list(MODELS)}.")
+  config = config or workdir_config(workdir)
+  mesh = mesh or sharding.make_mesh(1)
+  links = {link.name: link for link in pipeline.chain(config)}
+  if kind == "student":
+    have = available_students(workdir)
+    if num_steps not in have or f"stage_two/N={num_steps}" not in links:
+      raise ValueError(f"no stage-two student with num_steps={num_steps} in {str(workdir)!r}: "
+                       f"available {have or 'none'} (pass --num_steps=one of them).")
+    link = links[f"stage_two/N={num_steps}"]
+  else:
+    link = links[kind]
+  params = pipeline.read_final_params(config, workdir, link, mesh)
+  model = pipeline.teacher_model(config) if kind == "teacher" else pipeline.student_model(config)
+  return LoadedModel(kind, model, params, config, num_steps if kind == "student" else None)
+
+
+def check_w(loaded: LoadedModel, w_values) -> None:
+  if loaded.kind == "teacher":
+    return
+  lo, hi = loaded.config.stage_one.w_min, loaded.config.stage_one.w_max
+  outside = [w for w in w_values if not lo <= w <= hi]
+  if outside:
+    logging.warning("w=%s is outside the trained range [%s, %s]: the student extrapolates.",
+                    outside, lo, hi)
+
+
+def evaluations(loaded: LoadedModel, sampler: str, num_steps: int) -> int:
+  """Network evaluations per sample (the teacher's two branches count twice)."""
+  return 2 * num_steps if loaded.kind == "teacher" else num_steps
+
+
+def sampler_steps(loaded: LoadedModel, sampler: str, num_steps: int | None) -> int:
+  """The sampler's step count: a student's own count (×2 for the stochastic sampler)."""
+  if loaded.kind == "student":
+    n = loaded.num_steps
+    if sampler == "stochastic":
+      if not loaded.config.stage_two.train_for_stochastic:
+        logging.warning("this student was trained without stage_two.train_for_stochastic: the "
+                        "stochastic sampler asks it for jumps it has not learned.")
+      return 2 * n
+    return n
+  if not num_steps or num_steps < 1:
+    raise ValueError(f"--num_steps is required for model={loaded.kind} (its DDIM step count).")
+  return int(num_steps)
+
+
+def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
+  """A jitted ``fn(z1, labels, w, key) -> x`` for one batch."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}.")
+  make_fn = denoiser.guided_denoise_fn if loaded.kind == "teacher" else denoiser.denoise_fn
+
+  @jax.jit
+  def run(params, z1, labels, w, key):
+    fn = make_fn(loaded.model, params, labels, w)
+    if sampler == "deterministic":
+      return diffusion.sample_deterministic(fn, z1, steps)
+    return diffusion.sample_stochastic(fn, z1, steps, key)
+
+  return lambda z1, labels, w, key: run(loaded.params, z1, labels, w, key)
+
+
+def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels, w, seed: int,
+             batch_size: int = 500) -> np.ndarray:
+  """Samples for per-example ``labels`` and ``w`` (arrays of one length), in batches.
+
+  Example ``j`` uses noise ``fold_in(key(seed), j)``-derived, so a sample does not depend on
+  the batch size or on which other samples are drawn.
+  """
+  labels = np.asarray(labels, np.int32)
+  w = np.broadcast_to(np.asarray(w, np.float32), labels.shape)
+  steps = sampler_steps(loaded, sampler, num_steps)
+  run = make_sampler(loaded, sampler, steps)
+  shape = models.model_input_shape(loaded.config)[1:]
+  base = jax.random.key(seed)
+  noise = jax.jit(jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(base, j), shape)))
+  out = []
+  for start in range(0, len(labels), batch_size):
+    idx = np.arange(start, min(start + batch_size, len(labels)))
+    pad = batch_size - len(idx) if len(labels) > batch_size else 0
+    idx_p = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
+    x = run(noise(jnp.asarray(idx_p)), jnp.asarray(labels[idx_p]), jnp.asarray(w[idx_p]),
+            jax.random.fold_in(base, 2**30 + start))
+    out.append(np.asarray(x)[:len(idx)])
+  return np.concatenate(out)
+
+
+def main(argv=None):
+  try:
+    _main(argv)
+  except ValueError as e:  # bad input: one line, no traceback
+    raise SystemExit(f"error: {e}") from None
+
+
+def _main(argv):
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="python -m distill.sample", description=__doc__.split(
+      "\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="a distill.main workdir")
+  parser.add_argument("--model", default="student", choices=MODELS)
+  parser.add_argument("--num_steps", type=int, default=None,
+                      help="student: which student; teacher/stage_one: DDIM steps")
+  parser.add_argument("--sampler", default="deterministic", choices=SAMPLERS)
+  parser.add_argument("--w", default="0,1,4", help="guidance weights, one grid row each")
+  parser.add_argument("--labels", default="", help="class labels (default 0..9 cycling)")
+  parser.add_argument("--per_row", type=int, default=10, help="samples per w")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="", help="output directory (default WORKDIR/samples)")
+  args = parser.parse_args(argv)
+
+  w_values = [float(v) for v in args.w.split(",") if v.strip()]
+  loaded = load_model(args.workdir, args.model, num_steps=args.num_steps)
+  check_w(loaded, w_values)
+  classes = loaded.config.data.num_classes
+  row_labels = ([int(v) for v in args.labels.split(",") if v.strip()] if args.labels
+                else list(range(args.per_row)))
+  bad = [c for c in row_labels if not 0 <= c < classes]
+  if bad:
+    raise ValueError(f"--labels {bad} are outside [0, {classes}): pass class indices.")
+  row_labels = [row_labels[i % len(row_labels)] for i in range(args.per_row)]
+  labels = np.tile(row_labels, len(w_values))
+  w = np.repeat(w_values, args.per_row)
+  x = generate(loaded, sampler=args.sampler, num_steps=args.num_steps, labels=labels, w=w,
+               seed=args.seed)
+  steps = sampler_steps(loaded, args.sampler, args.num_steps)
+  out = epath.Path(args.out or epath.Path(args.workdir) / "samples")
+  name = f"{args.model}{loaded.num_steps or ''}_{args.sampler}_{steps}steps_seed{args.seed}"
+  images.save_png(images.grid(x, rows=len(w_values)), out / f"{name}.png", scale=4)
+  out.mkdir(parents=True, exist_ok=True)
+  with (out / f"{name}.npz").open("wb") as f:
+    np.savez(f, images=x, labels=labels, w=w)
+  print(f"wrote {out / name}.png and .npz ({len(x)} samples, {evaluations(loaded, args.sampler, steps)} "
+        "network evaluations each)")
+
+
+if __name__ == "__main__":
+  main()

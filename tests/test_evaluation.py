@@ -1,0 +1,80 @@
+"""The eval stage on the tiny pipeline: one cell per (method, steps, w, seed), the report files,
+resumability; the digits classifier's determinism and accuracy."""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from distill.config_utils import load_config
+from distill.evaluation import digits_classifier, evaluate
+
+
+def test_digits_classifier_is_deterministic_by_seed(tmp_path):
+  a = digits_classifier.load_or_train(tmp_path / "a", seed=3, steps=150)
+  b = digits_classifier.load_or_train(tmp_path / "b", seed=3, steps=150)
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.params),
+                                                  jax.tree.leaves(b.params)))
+  assert a.held_out_accuracy == b.held_out_accuracy > 0.8  # 150 steps; 2000 reach ≥ 0.99
+  cached = digits_classifier.load_or_train(tmp_path / "a", seed=3, steps=150)  # from the cache
+  assert cached.held_out_accuracy == a.held_out_accuracy
+  c = digits_classifier.load_or_train(tmp_path / "c", seed=4, steps=150)
+  assert not np.array_equal(jax.tree.leaves(a.params)[0], jax.tree.leaves(c.params)[0])
+
+
+def test_report_has_one_cell_per_method_steps_w(tiny_pipeline):
+  config = load_config("digits:runlocal")
+  report = tiny_pipeline / "report"
+  for name in ("table.md", "table.csv", "fid_vs_nfe.png", "fid_is_tradeoff.png", "report.json"):
+    assert (report / name).is_file(), name
+  with open(report / "table.csv") as f:
+    rows = list(csv.DictReader(f))
+  keys = {(r["method"], int(r["steps"]), float(r["w"])) for r in rows}
+  expected_rows = ([("teacher", 4)] + [("ddim", s) for s in (1, 2)]
+                   + [(m, n) for n in (1, 2) for m in ("student", "student_stochastic")])
+  assert keys == {(m, s, w) for m, s in expected_rows for w in (0.0, 1.0)}
+  assert len(rows) == len(keys) and all(r["seeds"] == "2" for r in rows)
+  nfe = {(r["method"], int(r["steps"])): int(r["nfe"]) for r in rows}
+  assert nfe[("teacher", 4)] == 8 and nfe[("student_stochastic", 2)] == 4
+  assert nfe[("student", 1)] == 1
+  table = (report / "table.md").read_text()
+  assert "real-vs-real floor" in table and "git revision" in table
+  assert table.count("| Distilled, stochastic |") == 2
+  cells = list((report / "cells").iterdir())
+  assert len(cells) == len(keys) * 2
+  fid = [float(r["fid_mean"]) for r in rows]
+  assert all(np.isfinite(fid)) and min(fid) > 0
+  assert (report / "grids" / "student_steps2_w1.png").is_file()
+
+
+def test_eval_is_resumable(tiny_pipeline):
+  """A finished cell is not recomputed: an edited cell file survives a rerun of the stage."""
+  config = load_config("digits:runlocal")
+  config.num_devices = 1
+  cell = tiny_pipeline / "report" / "cells" / "ddim_steps1_w0_seed0.json"
+  data = json.loads(cell.read_text())
+  data["fid"] = 12345.0
+  cell.write_text(json.dumps(data))
+  evaluate.run(config, tiny_pipeline)
+  assert json.loads(cell.read_text())["fid"] == 12345.0
+  with open(tiny_pipeline / "report" / "table.csv") as f:
+    row = [r for r in csv.DictReader(f) if r["method"] == "ddim" and r["steps"] == "1"
+           and r["w"] == "0.0"][0]
+  assert float(row["fid_mean"]) > 1000  # the table is rebuilt from the cells
+  cell.unlink()  # recomputed: the shared workdir's table is consistent again
+  evaluate.run(config, tiny_pipeline)
+  assert json.loads(cell.read_text())["fid"] < 1000
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("features", "inception", "eval.features='inception'"),
+    ("num_samples", 5, "eval.num_samples=5 must be >= 10"),
+])
+def test_eval_validation(tmp_path, field, value, message):
+  from distill import config_validation  # pylint: disable=import-outside-toplevel
+  config = load_config("digits:runlocal")
+  config.eval[field] = value
+  with pytest.raises(ValueError, match=message):
+    config_validation.validate(config, tmp_path, num_devices=1)
