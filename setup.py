@@ -29,6 +29,7 @@ setup(
         "tensorboard>=2.18",
         "chex>=0.1.90",
         "numpy>=2.0",
+        "safetensors>=0.4",  # converted weights (FID Inception-v3)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11"],

@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.ddim_steps = (1, 2, 4, 8, 16)
   config.eval.student_steps = (1, 2, 4, 8, 16)
   config.eval.samplers = ("deterministic", "stochastic")
-  config.eval.features = "digits"  # the project's digits classifier (digits-FID)
+  config.eval.features = "digits"  # the project's digits classifier (digits-FID), or "inception"
+  config.eval.inception_weights = ""  # converted FID Inception-v3 file (README, "Evaluation")
+  config.eval.reference_samples = 50_000  # real images for the reference statistics (per split)
   config.eval.classifier_seed = 0
   config.eval.classifier_steps = 2000
   config.eval.batch_size = 500

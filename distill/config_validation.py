@@ -88,10 +88,15 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
 def check_eval(config) -> None:
   from distill.evaluation import features  # pylint: disable=import-outside-toplevel
   e = config.eval
-  if e.features not in features.FEATURES or config.data.name != "digits":
-    raise ValueError(f"eval.features={e.features!r} for data.name={config.data.name!r}: only the "
-                     "digits classifier ('digits', on data.name='digits') is available; drop eval "
-                     "from --config.stages.")
+  if e.features not in features.FEATURES:
+    raise ValueError(f"eval.features={e.features!r} is not one of {list(features.FEATURES)}.")
+  if e.features == "digits" and config.data.name != "digits":
+    raise ValueError(f"eval.features='digits' needs data.name='digits' (got "
+                     f"{config.data.name!r}): use eval.features='inception'.")
+  if e.features == "inception" and not epath.Path(e.inception_weights or "/nonexistent").exists():
+    raise ValueError(f"eval.inception_weights={e.inception_weights!r} is not a file: convert the "
+                     "FID Inception weights (python -m distill.evaluation.inception --convert) "
+                     "and pass --config.eval.inception_weights=PATH.")
   if e.num_samples < 10 or not e.seeds or not e.w_values or e.batch_size < 1:
     raise ValueError(f"eval.num_samples={e.num_samples} must be >= 10, and eval.seeds, "
                      "eval.w_values non-empty, eval.batch_size >= 1.")

@@ -41,3 +41,24 @@ def tiny_pipeline(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_pipeline")
   pipeline.run(config, workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+  """A converted-layout FID Inception file with random weights: ``(path, arrays)``."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from distill.evaluation import inception  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for name, shape in inception.torch_layout().items():
+    if name.endswith("running_var"):
+      arrays[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    elif name.endswith(".conv.weight") or name == "fc.weight":
+      fan_in = int(np.prod(shape[1:]))
+      arrays[name] = (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
+    else:
+      arrays[name] = rng.normal(0.0, 0.1, shape).astype(np.float32)
+  path = tmp_path_factory.mktemp("inception") / "random_fid_inception.safetensors"
+  save_file(arrays, str(path))
+  return path, arrays

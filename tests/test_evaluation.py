@@ -7,7 +7,9 @@ import json
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from distill import pipeline
 from distill.config_utils import load_config
 from distill.evaluation import digits_classifier, evaluate
 
@@ -69,7 +71,8 @@ def test_eval_is_resumable(tiny_pipeline):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("features", "inception", "eval.features='inception'"),
+    ("features", "inception", "eval.inception_weights='' is not a file"),
+    ("features", "fid", "eval.features='fid' is not one of"),
     ("num_samples", 5, "eval.num_samples=5 must be >= 10"),
 ])
 def test_eval_validation(tmp_path, field, value, message):
@@ -78,3 +81,21 @@ def test_eval_validation(tmp_path, field, value, message):
   config.eval[field] = value
   with pytest.raises(ValueError, match=message):
     config_validation.validate(config, tmp_path, num_devices=1)
+
+
+def test_eval_with_inception_on_mock_cifar10(tmp_path, random_inception_weights):
+  """The eval stage on a tfds data set with the FID Inception (random weights, same layout):
+  teacher-only rows when no students were trained."""
+  config = load_config("cifar10:runlocal")
+  config.num_devices = 1
+  config.stages = "teacher,eval"
+  config.eval.inception_weights = str(random_inception_weights[0])
+  config.eval.update(dict(w_values=(0.0,), seeds=(0,), num_samples=10, teacher_steps=2,
+                          ddim_steps=(1,), batch_size=10, reference_samples=20, pr_samples=20))
+  with tfds.testing.mock_data(num_examples=40):
+    pipeline.run(config, tmp_path)
+  with open(tmp_path / "report" / "table.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert {(r["method"], r["steps"]) for r in rows} == {("teacher", "2"), ("ddim", "1")}
+  assert all(np.isfinite(float(r["fid_mean"])) for r in rows)
+  assert "n/a" in (tmp_path / "report" / "table.md").read_text()  # no class accuracy

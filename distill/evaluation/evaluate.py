@@ -12,8 +12,9 @@ Methods (paper Table 1, Fig. 2 and 6):
 
 Every cell draws ``eval.num_samples`` class-balanced samples per seed and writes its metrics to
 ``report/cells/<cell>.json`` (atomically): a rerun computes only the missing cells. Metrics: FID
-against the training split's features, Inception-Score analogue, class accuracy (the share
-classified as the conditioning label), improved precision and recall.
+against the training split's features, Inception Score (or its digits analogue), class accuracy
+(the share classified as the conditioning label; digits only), improved precision and recall.
+The real-vs-real floor is the held-out split's FID against the training split.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def _generate(loaded, cell: Cell, config) -> tuple[np.ndarray, np.ndarray]:
   return x, labels
 
 
-def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int) -> dict:
+def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
+                 class_accuracy: bool = True) -> dict:
   feats, probs = [], []
   for i in range(0, len(x), 1000):
     f, p = extract(x[i:i + 1000])
@@ -87,9 +89,10 @@ def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int) 
   mu, sigma, _ = ref_stats
   is_mean, _ = metrics.inception_score(probs, num_splits=min(10, len(probs)))
   precision, recall = metrics.precision_recall(real_feats[:pr_samples], feats[:pr_samples])
+  accuracy = float(np.mean(np.argmax(probs, axis=1) == labels)) if class_accuracy else None
   return {"fid": metrics.frechet_distance(stats.mean, stats.cov, mu, sigma), "is": is_mean,
-          "class_accuracy": float(np.mean(np.argmax(probs, axis=1) == labels)),
-          "precision": precision, "recall": recall, "num_samples": int(len(x))}
+          "class_accuracy": accuracy, "precision": precision, "recall": recall,
+          "num_samples": int(len(x))}
 
 
 def _write_json(path, data) -> None:
@@ -104,9 +107,11 @@ def run(config, workdir) -> epath.Path:
   workdir = epath.Path(workdir)
   out = workdir / "report"
   extract, info = features.make_extractor(config, workdir)
-  ref_stats = features.reference_stats(config, extract, out)
-  real_train, _ = features.real_features(config, extract, "train")
-  floor = floor_fid(config, extract, ref_stats)
+  ref_stats = features.real_stats(config, extract, "train", out)
+  real_train = features.real_features(config, extract, "train", config.eval.pr_samples)
+  held_out = features.real_stats(config, extract, "held_out", out)
+  floor = {"fid": metrics.frechet_distance(held_out[0], held_out[1], ref_stats[0], ref_stats[1]),
+           "num_samples": held_out[2]}
   cells = plan(config, workdir)
   loaded = {}
   for cell in cells:
@@ -122,9 +127,10 @@ def run(config, workdir) -> epath.Path:
     t0 = time.time()
     x, labels = _generate(loaded[model_key], cell, config)
     result = cell_metrics(extract, x, labels, ref_stats, real_train,
-                          pr_samples=int(config.eval.pr_samples))
+                          pr_samples=int(config.eval.pr_samples),
+                          class_accuracy=info["class_accuracy"])
     result.update(dataclasses.asdict(cell), nfe=cell.nfe, seconds=round(time.time() - t0, 1))
-    logging.info("eval %s: FID %.3f, IS %.2f, class accuracy %.3f (%.0f s)", cell.key,
+    logging.info("eval %s: FID %.3f, IS %.2f, class accuracy %s (%.0f s)", cell.key,
                  result["fid"], result["is"], result["class_accuracy"], result["seconds"])
     if cell.seed == config.eval.seeds[0]:
       grid = images.grid(x[:10 * config.data.num_classes], rows=config.data.num_classes) if (
@@ -135,13 +141,3 @@ def run(config, workdir) -> epath.Path:
   results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
   report.write(out, results, config=config, floor=floor, extractor=info)
   return out
-
-
-def floor_fid(config, extract, ref_stats) -> dict:
-  """The real-vs-real floor: held-out split against the training split's statistics."""
-  feats, _ = features.real_features(config, extract, "held_out")
-  stats = metrics.FeatureStats(feats.shape[1])
-  stats.update(feats)
-  mu, sigma, _ = ref_stats
-  return {"fid": metrics.frechet_distance(stats.mean, stats.cov, mu, sigma),
-          "num_samples": int(len(feats))}

@@ -1,6 +1,12 @@
-"""Feature extractors for the metrics: the project's digits classifier (digits-FID).
+"""Feature extractors for the metrics, and features of real data.
 
-An extractor maps images in [−1, 1] to ``(features [N, D], class probabilities [N, C])``.
+An extractor maps images in [−1, 1] to ``(features [N, D], class probabilities [N, C])``:
+
+* ``digits``: the project's digits classifier (digits-FID; its probabilities are over the data
+  set's own classes, so they also give the class accuracy of samples);
+* ``inception``: the FID Inception-v3 with weights from ``eval.inception_weights``
+  (``evaluation/inception.py``); its 1008 classes are not the data set's labels, so there is no
+  class accuracy.
 """
 
 from __future__ import annotations
@@ -11,11 +17,11 @@ import numpy as np
 from etils import epath
 
 from distill import input_pipeline
-from distill.evaluation import digits_classifier
+from distill.evaluation import digits_classifier, inception
 from distill.evaluation.metrics import FeatureStats
 
 Extractor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-FEATURES = ("digits",)
+FEATURES = ("digits", "inception")
 
 
 def make_extractor(config, workdir) -> tuple[Extractor, dict]:
@@ -27,23 +33,40 @@ def make_extractor(config, workdir) -> tuple[Extractor, dict]:
         steps=config.eval.classifier_steps)
     extract = lambda x: (clf.features(x), clf.probs(x))
     return extract, {"features": "digits CNN penultimate layer (128-d)",
-                     "classifier_held_out_accuracy": clf.held_out_accuracy}
+                     "classifier_held_out_accuracy": clf.held_out_accuracy,
+                     "class_accuracy": True}
+  if name == "inception":
+    extract = inception.make_extractor(config.eval.inception_weights,
+                                       batch_size=config.eval.batch_size)
+    return extract, {"features": f"FID Inception-v3 pool3 (2048-d), weights "
+                                 f"{config.eval.inception_weights}", "class_accuracy": False}
   raise ValueError(f"eval.features={name!r} is not one of {list(FEATURES)}.")
 
 
-def real_features(config, extract: Extractor, split: str, batch: int = 1000):
-  """Features and labels of a real split (digits: all of it)."""
-  x, y = input_pipeline.digits_arrays(split)
-  feats = np.concatenate([extract(x[i:i + batch])[0] for i in range(0, len(x), batch)])
-  return feats, y
+def real_images(config, split: str, limit: int, batch: int = 1000):
+  """Yields batches of the first ``limit`` images of a split, in [−1, 1]."""
+  source = input_pipeline.source(config.data, split)
+  n = min(len(source), int(limit))
+  for start in range(0, n, batch):
+    items = [source[i] for i in range(start, min(start + batch, n))]
+    yield np.stack([item["image"] for item in items]).astype(np.float32)
 
 
-def reference_stats(config, extract: Extractor, directory):
-  """Mean and covariance of the training split's features, cached as ``.npz``."""
-  path = epath.Path(directory) / f"reference_{config.data.name}_{config.eval.features}.npz"
+def real_features(config, extract: Extractor, split: str, limit: int) -> np.ndarray:
+  return np.concatenate([extract(x)[0] for x in real_images(config, split, limit)])
+
+
+def real_stats(config, extract: Extractor, split: str, directory) -> tuple:
+  """Mean, covariance and count of a split's features (up to ``eval.reference_samples``
+  images), cached as ``.npz`` in ``directory``."""
+  limit = int(config.eval.reference_samples)
+  path = epath.Path(directory) / (f"stats_{config.data.name}_{split}_{config.eval.features}"
+                                  f"_{limit}.npz")
   if not path.exists():
-    feats, _ = real_features(config, extract, "train")
-    stats = FeatureStats(feats.shape[1])
-    stats.update(feats)
+    stats = None
+    for x in real_images(config, split, limit):
+      feats = extract(x)[0]
+      stats = stats or FeatureStats(feats.shape[1])
+      stats.update(feats)
     stats.save(path)
   return FeatureStats.load(path)

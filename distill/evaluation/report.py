@@ -43,11 +43,20 @@ def aggregate(results: list[dict]) -> dict:
     groups[(r["method"], r["steps"], r["w"])].append(r)
   out = {}
   for key, rs in groups.items():
-    out[key] = {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])))
+    out[key] = {m: (float(np.mean([_num(r[m]) for r in rs])),
+                    float(np.std([_num(r[m]) for r in rs])))
                 for m in ("fid", "is", "class_accuracy", "precision", "recall")}
     out[key]["nfe"] = rs[0]["nfe"]
     out[key]["seeds"] = len(rs)
   return out
+
+
+def _num(value) -> float:
+  return float("nan") if value is None else float(value)
+
+
+def _percent(value: float) -> str:
+  return "n/a" if np.isnan(value) else f"{100 * value:.1f}%"
 
 
 def _rows(agg):
@@ -88,7 +97,7 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
       f"- {config.eval.num_samples} samples per cell and seed, {seeds} seeds (mean ± std); "
       f"reference statistics: training split",
       f"- real-vs-real floor: held-out split ({floor['num_samples']} images) vs training split, "
-      f"FID {floor['fid']:.3f} (a smaller sample than the cells' inflates it)",
+      f"FID {floor['fid']:.3f} (FID grows as the sample shrinks: compare at equal sizes)",
       "",
       "| method | steps | NFE | " + " | ".join(f"w = {w:g}" for w in w_values) + " |",
       "|---|---|---|" + "---|" * len(w_values),
@@ -98,7 +107,7 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
     for w in w_values:
       a = agg[(m, s, w)]
       cells.append(f"{a['fid'][0]:.3f} ± {a['fid'][1]:.3f} / {a['is'][0]:.2f} / "
-                   f"{100 * a['class_accuracy'][0]:.1f}%")
+                   f"{_percent(a['class_accuracy'][0])}")
     lines.append(f"| {LABELS[m]} | {s} | {agg[(m, s, w_values[0])]['nfe']} | "
                  + " | ".join(cells) + " |")
   lines += ["", "Each cell: FID (mean ± std over seeds) / IS / class accuracy.", ""]
