@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from etils import epath
 from PIL import Image
+
+from distill import files
 
 
 def to_uint8(images) -> np.ndarray:
@@ -37,8 +38,4 @@ def save_png(image: np.ndarray, path, *, scale: int = 1) -> None:
     image = image[..., 0]
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format="PNG")
-  path = epath.Path(path)  # local paths and gs:// alike
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(path)
+  files.write_atomic(path, buffer.getvalue())

@@ -15,6 +15,8 @@ import time
 import jax
 from etils import epath
 
+from distill import files
+
 IGNORED_TOP = ("stages", "num_devices", "eval")
 IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_keep",
                       "max_consecutive_nonfinite", "sample_w", "sample_steps", "data_dir")
@@ -82,7 +84,4 @@ class Manifest:
   def _write(self) -> None:
     if jax.process_index() != 0:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = self.path.parent / (self.path.name + ".tmp")
-    tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(self.path)
+    files.write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")

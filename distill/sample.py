@@ -13,6 +13,7 @@ The library functions (``load_model``, ``generate``) serve the evaluation stage 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -116,28 +117,43 @@ def sampler_steps(loaded: LoadedModel, sampler: str, num_steps: int | None) -> i
   return int(num_steps)
 
 
-def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
-  """A jitted ``fn(z1, labels, w, key) -> x`` for one batch."""
-  if sampler not in SAMPLERS:
-    raise ValueError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}.")
-  make_fn = denoiser.guided_denoise_fn if loaded.kind == "teacher" else denoiser.denoise_fn
+@functools.lru_cache(maxsize=32)
+def _compiled_sampler(model, guided: bool, sampler: str, steps: int):
+  """One jitted ``run(params, z1, labels, w, key)`` per (model, sampler, steps): every cell and
+  batch of the same shape reuses its compilation."""
+  make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit
   def run(params, z1, labels, w, key):
-    fn = make_fn(loaded.model, params, labels, w)
+    fn = make_fn(model, params, labels, w)
     if sampler == "deterministic":
       return diffusion.sample_deterministic(fn, z1, steps)
     return diffusion.sample_stochastic(fn, z1, steps, key)
 
+  return run
+
+
+def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
+  """A jitted ``fn(z1, labels, w, key) -> x`` for one batch."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}.")
+  run = _compiled_sampler(loaded.model, loaded.kind == "teacher", sampler, steps)
   return lambda z1, labels, w, key: run(loaded.params, z1, labels, w, key)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _noise(base, indices, shape):
+  """``z_1`` of examples ``indices``: example ``j`` gets ``normal(fold_in(base, j))``."""
+  return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(base, j), shape))(indices)
 
 
 def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels, w, seed: int,
              batch_size: int = 500) -> np.ndarray:
   """Samples for per-example ``labels`` and ``w`` (arrays of one length), in batches.
 
-  Example ``j`` uses noise ``fold_in(key(seed), j)``-derived, so a sample does not depend on
-  the batch size or on which other samples are drawn.
+  Example ``j`` starts from ``z_1 = normal(fold_in(key(seed), j))``, so a deterministic sample
+  does not depend on the batch size or on which other samples are drawn (the stochastic
+  sampler's re-noising draws one key per batch).
   """
   labels = np.asarray(labels, np.int32)
   w = np.broadcast_to(np.asarray(w, np.float32), labels.shape)
@@ -145,14 +161,13 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   run = make_sampler(loaded, sampler, steps)
   shape = models.model_input_shape(loaded.config)[1:]
   base = jax.random.key(seed)
-  noise = jax.jit(jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(base, j), shape)))
   out = []
   for start in range(0, len(labels), batch_size):
     idx = np.arange(start, min(start + batch_size, len(labels)))
     pad = batch_size - len(idx) if len(labels) > batch_size else 0
     idx_p = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
-    x = run(noise(jnp.asarray(idx_p)), jnp.asarray(labels[idx_p]), jnp.asarray(w[idx_p]),
-            jax.random.fold_in(base, 2**30 + start))
+    x = run(_noise(base, jnp.asarray(idx_p), shape), jnp.asarray(labels[idx_p]),
+            jnp.asarray(w[idx_p]), jax.random.fold_in(base, 2**30 + start))
     out.append(np.asarray(x)[:len(idx)])
   return np.concatenate(out)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from distill import denoiser, diffusion, losses, models, schedules
+from distill import denoiser, losses, models, schedules
 from distill.config_utils import load_config
 
 

@@ -34,10 +34,12 @@ def test_report_has_one_cell_per_method_steps_w(tiny_pipeline):
   with open(report / "table.csv") as f:
     rows = list(csv.DictReader(f))
   keys = {(r["method"], int(r["steps"]), float(r["w"])) for r in rows}
-  expected_rows = ([("teacher", 4)] + [("ddim", s) for s in (1, 2)]
-                   + [(m, n) for n in (1, 2) for m in ("student", "student_stochastic")])
-  assert keys == {(m, s, w) for m, s in expected_rows for w in (0.0, 1.0)}
-  assert len(rows) == len(keys) and all(r["seeds"] == "2" for r in rows)
+  e = config.eval
+  expected_rows = ([("teacher", e.teacher_steps)] + [("ddim", s) for s in e.ddim_steps]
+                   + [(m, n) for n in e.student_steps for m in ("student", "student_stochastic")])
+  assert len(expected_rows) == 7  # teacher; DDIM at 1, 2; students 1, 2 with both samplers
+  assert keys == {(m, s, w) for m, s in expected_rows for w in e.w_values}
+  assert len(rows) == len(keys) and all(r["seeds"] == str(len(e.seeds)) for r in rows)
   nfe = {(r["method"], int(r["steps"])): int(r["nfe"]) for r in rows}
   assert nfe[("teacher", 4)] == 8 and nfe[("student_stochastic", 2)] == 4
   assert nfe[("student", 1)] == 1

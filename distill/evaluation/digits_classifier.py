@@ -18,7 +18,7 @@ import optax
 from etils import epath
 from flax import serialization
 
-from distill import input_pipeline
+from distill import files, input_pipeline
 
 FEATURE_DIM = 128
 
@@ -115,11 +115,7 @@ def load_or_train(directory, *, seed: int = 0, steps: int = 2000) -> DigitsClass
     return DigitsClassifier(params, json.loads(info.read_text())["held_out_accuracy"])
   params, accuracy = train_classifier(seed=seed, steps=steps)
   if jax.process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    for path, data in ((weights, serialization.to_bytes(params)),
-                       (info, json.dumps({"seed": seed, "steps": steps,
-                                          "held_out_accuracy": accuracy}).encode())):
-      tmp = path.parent / (path.name + ".tmp")
-      tmp.write_bytes(data)
-      tmp.replace(path)
+    files.write_atomic(weights, serialization.to_bytes(params))
+    files.write_atomic(info, json.dumps({"seed": seed, "steps": steps,
+                                         "held_out_accuracy": accuracy}))
   return DigitsClassifier(params, accuracy)

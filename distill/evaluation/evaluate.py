@@ -27,7 +27,7 @@ import time
 import numpy as np
 from etils import epath
 
-from distill import images, sample
+from distill import files, images, sample
 from distill.evaluation import features, metrics, report
 
 METHODS = ("teacher", "ddim", "student", "student_stochastic")
@@ -95,13 +95,6 @@ def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
           "num_samples": int(len(x))}
 
 
-def _write_json(path, data) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-  tmp.replace(path)
-
-
 def run(config, workdir) -> epath.Path:
   """Computes the missing cells, then writes ``workdir/report/`` (table, figures, grids)."""
   workdir = epath.Path(workdir)
@@ -133,11 +126,10 @@ def run(config, workdir) -> epath.Path:
     logging.info("eval %s: FID %.3f, IS %.2f, class accuracy %s (%.0f s)", cell.key,
                  result["fid"], result["is"], result["class_accuracy"], result["seconds"])
     if cell.seed == config.eval.seeds[0]:
-      grid = images.grid(x[:10 * config.data.num_classes], rows=config.data.num_classes) if (
-          len(x) >= 10 * config.data.num_classes) else images.grid(x, rows=1)
+      grid = images.grid(x[:100], rows=10) if len(x) >= 100 else images.grid(x, rows=1)
       images.save_png(grid, out / "grids" / f"{cell.method}_steps{cell.steps}_w{cell.w:g}.png",
                       scale=4)
-    _write_json(path, result)
+    files.write_atomic(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
   results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
   report.write(out, results, config=config, floor=floor, extractor=info)
   return out

@@ -15,8 +15,12 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from etils import epath
+
+from distill import files
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -113,12 +117,9 @@ class FeatureStats:
 
   def save(self, path) -> None:
     """Writes ``mu``, ``sigma`` and ``count`` to an ``.npz`` (atomically)."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp.npz")
-    with tmp.open("wb") as f:
-      np.savez(f, mu=self.mean, sigma=self.cov, count=self.count)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=self.mean, sigma=self.cov, count=self.count)
+    files.write_atomic(path, buffer.getvalue())
 
   @staticmethod
   def load(path) -> tuple[np.ndarray, np.ndarray, int]:

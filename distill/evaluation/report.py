@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from etils import epath
 
-from distill import manifest
+from distill import files, manifest
 
 LABELS = {"teacher": "Teacher, guided DDIM", "ddim": "DDIM (teacher)",
           "student": "Distilled, deterministic", "student_stochastic": "Distilled, stochastic"}
@@ -82,7 +82,7 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
                        f"{a['is'][0]:.4f}", f"{a['is'][1]:.4f}", f"{a['class_accuracy'][0]:.4f}",
                        f"{a['class_accuracy'][1]:.4f}", f"{a['precision'][0]:.4f}",
                        f"{a['recall'][0]:.4f}"])
-  (out / "table.csv").write_text(buffer.getvalue())
+  files.write_atomic(out / "table.csv", buffer.getvalue())
 
   seeds = len(config.eval.seeds)
   lines = [
@@ -111,8 +111,8 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
     lines.append(f"| {LABELS[m]} | {s} | {agg[(m, s, w_values[0])]['nfe']} | "
                  + " | ".join(cells) + " |")
   lines += ["", "Each cell: FID (mean ± std over seeds) / IS / class accuracy.", ""]
-  (out / "table.md").write_text("\n".join(lines))
-  (out / "report.json").write_text(json.dumps(
+  files.write_atomic(out / "table.md", "\n".join(lines))
+  files.write_atomic(out / "report.json", json.dumps(
       {"floor": floor, "extractor": extractor, "cells": results}, indent=1, sort_keys=True))
   _figures(out, agg, w_values, floor)
 
@@ -161,7 +161,4 @@ def _figures(out, agg, w_values, floor) -> None:
 def _save(fig, path) -> None:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=110)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(path)
+  files.write_atomic(path, buffer.getvalue())
