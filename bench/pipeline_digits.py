@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from distill import images, pipeline
+from distill import images, pipeline, sample
 from distill.config_utils import load_config
 
 
@@ -47,24 +47,22 @@ def main(argv=None):
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
   manifest = json.loads((workdir / "manifest.json").read_text())
-  mesh = pipeline.make_mesh(config)
   out = workdir / "bench"
   w_values = (0.0, 1.0, 4.0)
+  labels = np.tile(np.arange(10) % config.data.num_classes, len(w_values))
+  w = np.repeat(w_values, 10)
   grids = {}
   for link in pipeline.chain(config):
-    params = pipeline.read_final_params(config, workdir, link, mesh)
-    if link.name == "teacher":
-      model, steps, guided = pipeline.teacher_model(config), args.teacher_steps, True
-    else:
-      model, guided = pipeline.student_model(config), False
-      steps = link.num_steps or config.stage_one.sample_steps
-    fn = pipeline.sample_fn(model, config, w_values=w_values, num_steps=steps, guided=guided)
+    kind = {"teacher": "teacher", "stage_one": "stage_one"}.get(link.name, "student")
+    loaded = sample.load_model(workdir, kind, num_steps=link.num_steps, config=config)
+    steps = {"teacher": args.teacher_steps,
+             "stage_one": config.stage_one.sample_steps}.get(kind, link.num_steps)
     t0 = time.time()
-    samples, rows = fn(type("S", (), {"ema_params": params}))
-    samples = np.asarray(samples)
+    samples = sample.generate(loaded, sampler="deterministic", num_steps=steps, labels=labels,
+                              w=w, seed=1234)  # the same noise for every model
     seconds = time.time() - t0
     name = f"{link.name.replace('/', '_')}_{steps}steps.png"
-    images.save_png(images.grid(samples, rows=rows), out / name, scale=4)
+    images.save_png(images.grid(samples, rows=len(w_values)), out / name, scale=4)
     grids[link.name] = (name, steps, seconds)
 
   overview = [name for name in ("teacher", "stage_one", "stage_two/N=4", "stage_two/N=1")
