@@ -32,6 +32,10 @@ setup(
         "safetensors>=0.4",  # converted weights (FID Inception-v3)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11",
+                 # tests/test_notebook.py executes the Colab demo.
+                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
+        # bench/peer_pytorch.py: the diffusers U-Net side by side (the CPU build of torch).
+        "bench": ["torch==2.13.0", "diffusers>=0.35"],
     },
 )

@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage_one.w_min = 0.0  # stage two distils over the same range
   config.stage_one.w_max = 4.0
   config.stage_one.dropout = 0.0
+  # Per-example loss weight by w: "uniform" (Eq. 3) or "inverse_square", 1/(1+w)^2 (errors
+  # relative to the guided target's scale; losses.w_loss_weight). Stage two has the same field.
+  config.stage_one.w_loss_weight = "uniform"
   config.stage_one.sample_w = (0.0, 1.0, 4.0)
   config.stage_one.sample_steps = 64  # DDIM steps of its grids (guidance distilled: 1 eval each)
 
@@ -74,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   # instead (the paper trains its last, hardest halvings longer); 0 disables.
   config.stage_two.long_halving_max_steps = 0
   config.stage_two.long_halving_train_steps = 0
+  config.stage_two.w_loss_weight = "uniform"  # as stage_one.w_loss_weight
   # Also train on the teacher's finer grid t = i/(2N), so a student with N steps serves the
   # stochastic sampler (Eq. 4-7) with 2N evaluations (README, "Stage two").
   config.stage_two.train_for_stochastic = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from etils import epath
 
 from distill import input_pipeline
+from distill.losses import W_WEIGHTINGS
 from distill.models.factory import check_model_config
 
 STAGES = ("teacher", "stage_one", "stage_two", "eval")
@@ -79,6 +80,10 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   one, two = config.stage_one, config.stage_two
   if not one.w_min <= one.w_max:
     raise ValueError(f"stage_one.w_min={one.w_min} must be <= stage_one.w_max={one.w_max}.")
+  for name, section in (("stage_one", one), ("stage_two", two)):
+    if section.w_loss_weight not in W_WEIGHTINGS:
+      raise ValueError(f"{name}.w_loss_weight={section.w_loss_weight!r} is not one of "
+                       f"{list(W_WEIGHTINGS)}.")
   if "stage_two" in stages:
     check_halvings(two)
   if "eval" in stages:

@@ -10,7 +10,8 @@ restarted run resumes at exactly the right position with no iterator state to sa
   access, never downloads here), random horizontal flip, scaled to [−1, 1], area-downsampled
   when ``data.image_size`` is an integer fraction of the native size (the ``runlocal`` configs).
 
-Each host reads only its own shard of the split (``[process_index::process_count]``).
+Each host reads only its own rows of every global batch, so the batches of a run are the same
+for any number of hosts.
 """
 
 from __future__ import annotations
@@ -132,18 +133,30 @@ def _stack(items):
 
 def train_batches(data_config, *, global_batch_size: int, seed: int,
                   process_index: int | None = None, process_count: int | None = None):
-  """``MapDataset`` whose item ``step`` is this process's share of that step's global batch."""
+  """``MapDataset`` whose item ``step`` is this process's share of that step's global batch.
+
+  The global order is one seeded shuffle of the whole split (re-shuffled each epoch), so the
+  global batch of a step does not depend on how many processes share it: process ``p`` of
+  ``P`` reads rows ``[p·B/P, (p+1)·B/P)`` of it, and only those elements.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
     raise ValueError(f"batch_size={global_batch_size} is not divisible by the "
                      f"{process_count} processes.")
   ds = grain.MapDataset.source(source(data_config, "train"))
-  ds = ds[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(None)
   if data_config.get("random_flip", False):
-    ds = ds.random_map(_flip, seed=seed + 1)
-  return ds.batch(global_batch_size // process_count, drop_remainder=True, batch_fn=_stack)
+    ds = ds.random_map(_flip, seed=seed + 1)  # keyed by the global position
+  local = global_batch_size // process_count
+  offset = process_index * local
+
+  def element(i):
+    step, row = divmod(i, local)
+    return ds[step * global_batch_size + offset + row]
+
+  mine = grain.MapDataset.range(len(ds) // global_batch_size * local).map(element)
+  return mine.batch(local, drop_remainder=True, batch_fn=_stack)
 
 
 def iterate(batches, start_step: int = 0, *, num_threads: int = 2) -> Iterator[dict]:

@@ -71,14 +71,32 @@ def teacher_objective(model, *, p_uncond: float):
   return objective
 
 
-def stage_one_objective(student, teacher, *, w_min: float, w_max: float):
+W_WEIGHTINGS = ("uniform", "inverse_square")
+
+
+def w_loss_weight(w, kind: str):
+  """Per-example loss weight by guidance weight: ``uniform`` (Eq. 3 as written: 1) or
+  ``inverse_square``, ``1/(1+w)²``, which measures each error relative to the scale of the
+  guided target ``x_c + w·(x_c − x_u)`` so that large w no longer dominates the loss."""
+  if kind == "uniform":
+    return jnp.ones_like(w)
+  if kind == "inverse_square":
+    return 1.0 / jnp.square(1.0 + w)
+  raise ValueError(f"w_loss_weight={kind!r} is not one of {list(W_WEIGHTINGS)}.")
+
+
+def stage_one_objective(student, teacher, *, w_min: float, w_max: float,
+                        w_weighting: str = "uniform"):
   """Stage one (paper §3.1, Eq. 3, Algorithm 1): learn the guided teacher with one network.
 
   Per example ``w ~ U[w_min, w_max]``, ``t ~ U[0, 1]``, ``z_t = α_t x + σ_t ε``; the target is
   the frozen teacher's ``(1+w)·x̂_c − w·x̂_u`` from one batched forward pass (conditional and
   null-label halves concatenated); the loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̂^w_θ(z_t)‖²``.
-  ``frozen`` is the teacher's parameters.
+  ``frozen`` is the teacher's parameters. ``w_weighting`` multiplies each example's loss by
+  ``w_loss_weight(w, w_weighting)``.
   """
+  w_loss_weight(jnp.zeros(()), w_weighting)  # a bad name fails here, before tracing
+
   def objective(params, frozen, batch, key):
     x, labels = batch["image"], batch["label"]
     b = x.shape[0]
@@ -90,7 +108,7 @@ def stage_one_objective(student, teacher, *, w_min: float, w_max: float):
         denoiser.guided_x_prediction(teacher, frozen, z, t, labels, w))
     x_pred = denoiser.x_prediction(student, params, z, t, labels, w, train=True,
                                    rngs={"dropout": k_dropout})
-    loss = jnp.mean(weighted_x_loss(x_pred, target, logsnr))
+    loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_x_loss(x_pred, target, logsnr))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective
 
@@ -138,13 +156,17 @@ def stage_two_times(key, batch_size: int, num_student_steps, *, for_stochastic: 
   return i.astype(jnp.float32) / grid.astype(jnp.float32)
 
 
-def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: bool = False):
+def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: bool = False,
+                        w_weighting: str = "uniform"):
   """Stage two (Algorithm 2): one student step does what two teacher steps do.
 
   The teacher is the previous student (same network, frozen parameters); ``w`` is shared by
   teacher and student. Loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̃‖²`` with ``x̃ = stage_two_target``.
-  ``frozen = {"params": teacher_params, "num_student_steps": N}``.
+  ``frozen = {"params": teacher_params, "num_student_steps": N}``; ``w_weighting`` as in
+  ``stage_one_objective``.
   """
+  w_loss_weight(jnp.zeros(()), w_weighting)
+
   def objective(params, frozen, batch, key):
     x, labels = batch["image"], batch["label"]
     b = x.shape[0]
@@ -157,6 +179,6 @@ def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: 
     target = jax.lax.stop_gradient(stage_two_target(teacher_fn, z, t, n))
     x_pred = denoiser.x_prediction(student, params, z, t, labels, w, train=True,
                                    rngs={"dropout": k_dropout})
-    loss = jnp.mean(weighted_x_loss(x_pred, target, logsnr))
+    loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_x_loss(x_pred, target, logsnr))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective

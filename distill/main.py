@@ -2,10 +2,16 @@
 
 All logic lives in importable libraries (``distill.pipeline``) that tests and notebooks call.
 Multi-host: pass ``--multihost`` or set ``DISTILL_MULTIHOST=1`` to call
-``jax.distributed.initialize()`` first (its failure is not swallowed).
+``jax.distributed.initialize()`` first (its failure is not swallowed). On Cloud TPU it finds its
+peers by itself; elsewhere pass ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` (on CPU the processes' collectives then go through gloo).
+
+Preemption: a SIGTERM during training saves a checkpoint of the current step and exits with
+status 143; rerunning the same command resumes there.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,7 +22,22 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digit
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and reports.")
 flags.DEFINE_bool("multihost", os.environ.get("DISTILL_MULTIHOST", "") not in ("", "0"),
                   "Call jax.distributed.initialize() first (default: $DISTILL_MULTIHOST).")
+flags.DEFINE_string("coordinator_address", None,
+                    "With --multihost off Cloud TPU: host:port of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "With --multihost off Cloud TPU: process count.")
+flags.DEFINE_integer("process_id", None, "With --multihost off Cloud TPU: this process's index.")
 flags.mark_flags_as_required(["config"])
+
+
+def initialize_distributed(jax) -> None:
+  """``jax.distributed.initialize`` with the flags given (none: auto-detection, as on TPU)."""
+  explicit = {"coordinator_address": FLAGS.coordinator_address,
+              "num_processes": FLAGS.num_processes, "process_id": FLAGS.process_id}
+  explicit = {k: v for k, v in explicit.items() if v is not None}
+  # Collectives between the processes' CPU devices (the test set-up, and the host side of a
+  # TPU job); TPU devices use their own interconnect whatever this says.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**explicit)
 
 
 def main(argv):
@@ -24,11 +45,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.multihost:
-    jax.distributed.initialize()
-  from distill import pipeline  # pylint: disable=import-outside-toplevel
+    initialize_distributed(jax)
+  from distill import pipeline, preemption  # pylint: disable=import-outside-toplevel
   logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  pipeline.run(FLAGS.config, FLAGS.workdir)
+  try:
+    pipeline.run(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.EXIT_STATUS)
 
 
 if __name__ == "__main__":

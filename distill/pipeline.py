@@ -161,14 +161,15 @@ def train_link(config, workdir, link: Link, mesh, teacher_params) -> train.Train
     model = student_model(config, dropout=section.dropout)
     w_range = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
     if link.name == "stage_one":
-      objective = losses.stage_one_objective(model, teacher_model(config), **w_range)
+      objective = losses.stage_one_objective(model, teacher_model(config), **w_range,
+                                             w_weighting=section.w_loss_weight)
       init = lambda: models.student_params_from_teacher(
           teacher_params, models.init_params(model, jax.random.fold_in(key, 0), shape))
       frozen = teacher_params
       sample_steps = section.sample_steps
     else:
       objective = losses.stage_two_objective(model, for_stochastic=section.train_for_stochastic,
-                                             **w_range)
+                                             w_weighting=section.w_loss_weight, **w_range)
       init = lambda: teacher_params  # the new student starts as its teacher
       frozen = {"params": teacher_params,
                 "num_student_steps": jnp.asarray(link.num_steps, jnp.int32)}

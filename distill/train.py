@@ -7,7 +7,8 @@
   bit-identical. A non-finite loss or gradient leaves params, EMA and optimiser state unchanged
   and is counted.
 * ``train``: restores the newest readable checkpoint (or initialises), iterates the data from the
-  restored step, writes clu metrics and progress, sample grids and checkpoints.
+  restored step, writes clu metrics and progress, sample grids and checkpoints; a SIGTERM
+  saves the current step and raises ``preemption.Preempted``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import optax
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from distill import checkpoints, images, input_pipeline, sharding
+from distill import checkpoints, images, input_pipeline, preemption, sharding
 
 Objective = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
 
@@ -182,7 +183,7 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
 
   pending, previous = [], None
   t0 = time.time()
-  with metric_writers.ensure_flushes(writer):
+  with metric_writers.ensure_flushes(writer), preemption.Watcher() as watcher:
     for step in range(start, num_steps):
       batch = sharding.global_batch(mesh, next(data))
       state, metrics = step_fn(state, frozen, batch, base_key)
@@ -206,9 +207,14 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
           image = images.grid(np.asarray(samples), rows=rows)
           writer.write_images(done, {"samples": image[None]})
           images.save_png(image, workdir / "samples" / f"step_{done:08d}.png", scale=4)
-      if done % stage_cfg.checkpoint_every == 0 or done == num_steps:
+      preempted = watcher.reached(done)
+      if done % stage_cfg.checkpoint_every == 0 or done == num_steps or preempted:
         check(metrics, done)
         ckpts.save(done, state, config)
+      if preempted:
+        ckpts.wait()
+        ckpts.close()
+        raise preemption.Preempted(name, done)
     check(*previous)
   ckpts.wait()
   ckpts.close()

@@ -3,7 +3,8 @@
 One uninterrupted run (module fixture) is the reference. A second run in subprocesses is killed
 with SIGKILL in stage one and again in the middle of a halving (right after it starts an
 asynchronous checkpoint save), then rerun with the same command: every link's final parameters
-must be bit-identical to the reference. Also: a changed config and a mismatched teacher are
+must be bit-identical to the reference; so must a run stopped by SIGTERM (which saves the step
+it was at) and relaunched. Also: a changed config and a mismatched teacher are
 refused, a teacher read from ``teacher.checkpoint`` reproduces stage one exactly, and the
 stage-one objective matches its closed form at initialisation.
 """
@@ -39,6 +40,24 @@ def save(self, at, state, config):
   if self.directory.parent.as_posix().endswith(link) and at == int(step):
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoints.Checkpoints.save = save
+sys.argv = ["distill.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+# Runs distill.main in a subprocess that sends itself a real SIGTERM when the training loop asks,
+# for the TERM_AT-th time overall, whether to stop (teacher: calls 1–6; stage one: 7–12).
+TERM_DRIVER = r"""
+import os, signal, sys
+from absl import app
+from distill import main, preemption
+original, calls = preemption.Watcher.reached, [0]
+def reached(self, step):
+  calls[0] += 1
+  if calls[0] == int(os.environ["TERM_AT"]):
+    os.kill(os.getpid(), signal.SIGTERM)
+  return original(self, step)
+preemption.Watcher.reached = reached
 sys.argv = ["distill.main"] + sys.argv[1:]
 app.run(main.main)
 """
@@ -114,11 +133,38 @@ def test_kill_and_resume_is_bit_identical(tmp_path, reference):
   assert not re.search(r"\S+ step \d+/\d+: loss", again.stderr)
 
 
+def test_sigterm_saves_a_checkpoint_and_the_relaunch_resumes(tmp_path, reference):
+  workdir = tmp_path / "preempted"
+  env = dict(os.environ, TERM_AT="10")  # stage one, step 4: not a multiple of checkpoint_every
+  stages = "--config.stages=teacher,stage_one"  # the halvings resume as stage one does
+  args = [f"--config={REPO}/configs/digits.py:runlocal", f"--workdir={workdir}",
+          "--config.num_devices=1", stages]
+  first = subprocess.run([sys.executable, "-c", TERM_DRIVER, *args], env=env,
+                         capture_output=True, text=True, timeout=900)
+  assert first.returncode == 143, first.stderr[-2000:]
+  assert "stage_one: preempted (SIGTERM) at step 4" in first.stderr
+  assert sorted(int(p.name) for p in (workdir / "stage_one" / "checkpoints").iterdir()
+                if p.name.isdigit()) == [3, 4]  # 3 by the interval, 4 by the preemption
+  second = subprocess.run([sys.executable, "-m", "distill.main", *args], capture_output=True,
+                          text=True, timeout=900)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "stage_one: resuming from checkpoint at step 4" in second.stderr
+  config = tiny_config()
+  mesh = pipeline.make_mesh(config)
+  for link in pipeline.chain(config)[:2]:
+    assert link.name in ("teacher", "stage_one")
+    resumed, straight = (jax.device_get(pipeline.read_final_params(config, w, link, mesh))
+                         for w in (workdir, reference))
+    assert _equal(resumed, straight), link.name
+
+
 def test_changed_config_is_refused(reference):
   config = tiny_config()
+  original = config.stage_one.lr
   config.stage_one.lr = 5e-3
-  with pytest.raises(ValueError, match=r"stage_one.lr: 0.0003 -> 0.005; rerun with the "
-                                       "original settings or use a new --workdir") as info:
+  with pytest.raises(ValueError, match=re.escape(f"stage_one.lr: {original} -> 0.005; rerun with "
+                                                 "the original settings or use a new --workdir")
+                     ) as info:
     pipeline.run(config, reference)
   assert "\n" not in str(info.value)
   config = tiny_config()  # stages, devices and logging intervals may change on resume
@@ -177,7 +223,8 @@ def test_stage_two_validation(tmp_path, field, value, message):
 
 def test_stage_one_objective_at_initialisation_is_the_closed_form():
   """At initialisation the student is the teacher's conditional model, so for a fixed w the
-  loss is ω(λ)·w²·‖x̂_c − x̂_u‖² (since (1+w)x̂_c − w x̂_u − x̂_c = w (x̂_c − x̂_u))."""
+  loss is ω(λ)·w²·‖x̂_c − x̂_u‖² (since (1+w)x̂_c − w x̂_u − x̂_c = w (x̂_c − x̂_u)), divided
+  by (1+w)² with the inverse-square weighting."""
   config = tiny_config()
   teacher = models.build_unet(config)
   student = models.build_unet(config, use_w_embedding=True, dropout=0.0)  # as stage one trains
@@ -190,8 +237,10 @@ def test_stage_one_objective_at_initialisation_is_the_closed_form():
   batch = {"image": jax.random.uniform(jax.random.key(3), shape, minval=-1, maxval=1),
            "label": jnp.array([1, 3, 5, 7])}
   key = jax.random.key(4)
-  for w in (0.0, 0.7, 3.0):
-    objective = losses.stage_one_objective(student, teacher, w_min=w, w_max=w)
+  for w, weighting in ((0.0, "uniform"), (0.7, "uniform"), (3.0, "uniform"),
+                       (3.0, "inverse_square")):
+    objective = losses.stage_one_objective(student, teacher, w_min=w, w_max=w,
+                                           w_weighting=weighting)
     loss, _ = objective(s_params, t_params, batch, key)
     # The same draws of t and ε, then the closed form from two plain teacher evaluations.
     k_t, k_eps, _, _ = jax.random.split(key, 4)
@@ -205,4 +254,6 @@ def test_stage_one_objective_at_initialisation_is_the_closed_form():
       return alpha * z - sigma * np.asarray(v)
     diff = x_of(batch["label"]) - x_of(jnp.full((4,), 10))
     expected = np.mean(np.maximum(np.exp(lam), 1.0) * w**2 * np.mean(diff**2, axis=(1, 2, 3)))
+    if weighting == "inverse_square":  # relative to the guided target's scale (1 + w)
+      expected /= (1 + w) ** 2
     np.testing.assert_allclose(float(loss), expected, rtol=2e-3, atol=1e-6)

@@ -169,6 +169,7 @@ def test_non_finite_loss_skips_update_and_stops_run(tmp_path):
     ({"model.attn_resolutions": (16,)}, "model.attn_resolutions contains \\[16\\]"),
     ({"workdir": ""}, "--workdir is missing"),
     ({"stages": "teacher,stage_nine"}, "stages='teacher,stage_nine' names unknown"),
+    ({"stage_one.w_loss_weight": "cubic"}, "stage_one.w_loss_weight='cubic' is not one of"),
 ])
 def test_config_validation_messages(change, message):
   config = load_config("digits:runlocal")
@@ -204,6 +205,9 @@ def test_data_is_a_pure_function_of_step_and_process():
   shards = [input_pipeline.train_batches(config.data, global_batch_size=8, seed=0,
                                          process_index=i, process_count=2) for i in (0, 1)]
   assert shards[0][0]["image"].shape == (4, 8, 8, 1)
+  for step in (0, 250):  # 250: past the first epoch of 1500 images
+    np.testing.assert_array_equal(
+        np.concatenate([shard[step]["image"] for shard in shards]), a[step]["image"])
   train_x, _ = input_pipeline.digits_arrays("train")
   held_x, _ = input_pipeline.digits_arrays("held_out")
   assert len(train_x) == 1500 and len(held_x) == 297

@@ -14,7 +14,8 @@ The network maps ``(z_t, λ_t, label[, w])`` to a v-prediction (DESIGN.md §1):
   resolutions, zero-initialised output convolutions.
 
 Parameters are float32; ``dtype`` sets the activation dtype (bfloat16 on TPU). ``remat`` recomputes
-each residual block in the backward pass (gradient checkpointing).
+each residual and attention block in the backward pass (gradient checkpointing): only block
+inputs are kept, not the attention probabilities or GroupNorm intermediates.
 """
 
 from __future__ import annotations
@@ -156,13 +157,14 @@ class UNet(nn.Module):
                              name=W_EMBED_NAME)(w)
 
     block = nn.remat(ResBlock) if self.remat else ResBlock
+    attn_block = nn.remat(AttnBlock) if self.remat else AttnBlock
 
     def res(out_ch, name):
       return block(out_ch, self.num_groups, self.dropout, deterministic=not train,
                    dtype=self.dtype, name=name)
 
     def attn(name):
-      return AttnBlock(self.head_dim, self.num_groups, dtype=self.dtype, name=name)
+      return attn_block(self.head_dim, self.num_groups, dtype=self.dtype, name=name)
 
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     skips = [h]

@@ -1,0 +1,51 @@
+"""Shared by the scripts in ``bench/``: timing, the machine line, loading a sibling script."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import jax
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+  """``nproc``, CPU model, devices, jax version and the date: one line for BENCHMARKS.md."""
+  return (f"{os.cpu_count()} cores, {cpu_model()}, {jax.device_count()} "
+          f"{jax.default_backend()} device(s), jax {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}")
+
+
+def timed(fn, *, runs: int, warmup: int = 1) -> dict:
+  """Median wall time of ``fn()`` (which must block until its result is ready) over ``runs``
+  calls after ``warmup`` calls; the first call's time (compile included) separately."""
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  for _ in range(max(0, warmup - 1)):
+    fn()
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return {"median_s": statistics.median(times), "min_s": min(times), "first_call_s": first,
+          "runs": runs}
+
+
+def block(tree):
+  """``jax.block_until_ready`` that returns nothing (for ``timed``)."""
+  jax.block_until_ready(tree)

@@ -1,0 +1,156 @@
+"""The cost of the paper's distillation pipeline on ImageNet 64, on paper, before launching.
+
+    python bench/scale_plan.py [--config=configs/imagenet64.py] [--utilisation=0.4]
+        [--memory_batch=32] [--quick]
+
+1. FLOPs per training step of stage one and stage two at the config's global batch, from XLA's
+   cost analysis of the lowered step (abstract shapes: nothing is allocated or trained). With
+   ``model.remat`` the backward pass recomputes the forward pass, and the count includes it.
+2. The teacher-free pipeline of the paper: stage one plus the halvings from
+   ``stage_two.start_num_steps`` to ``end_num_steps`` (1024 → 1: 10 halvings) at
+   ``train_steps_per_halving`` steps each, in chip-hours on TPU v4, TPU v5e and H100 at a stated
+   model-FLOPs utilisation of the chips' dense bfloat16 peak.
+3. Per-device memory under data parallelism (parameters, EMA, Adam moments and the frozen
+   teacher replicated; activations for the per-device batch of a v5e-64 slice): the XLA
+   memory analysis of the stage-two step compiled for that batch on this CPU, next to the
+   parameter/optimiser bytes counted by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+from distill import losses, models, pipeline, sharding, train  # noqa: E402
+from distill.config_utils import load_config  # noqa: E402
+
+# Dense bfloat16 peak per chip (vendor data sheets) and memory per chip.
+CHIPS = {
+    "TPU v4": {"tflops": 275.0, "hbm_gib": 32},
+    "TPU v5e": {"tflops": 197.0, "hbm_gib": 16},
+    "H100 SXM": {"tflops": 989.0, "hbm_gib": 80},
+}
+
+
+def _abstract_batch(config, batch: int):
+  shape = models.model_input_shape(config, batch)
+  return {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
+          "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+
+
+def stage_steps(config, mesh):
+  """``{stage: (jitted step, abstract state, abstract frozen)}`` for stage one and two."""
+  shape = models.model_input_shape(config)
+  teacher, student = pipeline.teacher_model(config), pipeline.student_model(config)
+  t_params = jax.eval_shape(lambda: models.init_params(teacher, jax.random.key(0), shape))
+  s_params = jax.eval_shape(lambda: models.init_params(student, jax.random.key(0), shape))
+  w = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
+  two = pipeline.halving_section(config, 4)
+  out = {}
+  for name, objective, section, frozen in (
+      ("stage_one", losses.stage_one_objective(student, teacher, **w), config.stage_one,
+       t_params),
+      ("stage_two", losses.stage_two_objective(student, **w), two,
+       {"params": s_params, "num_student_steps": jax.ShapeDtypeStruct((), jnp.int32)})):
+    tx, schedule = train.make_optimizer(section)
+    step = train.make_train_step(objective, tx, schedule, ema_decay=section.ema_decay, mesh=mesh)
+    state = jax.eval_shape(lambda tx=tx: train.init_state(
+        models.init_params(student, jax.random.key(0), shape), tx))
+    out[name] = (step, state, frozen, section)
+  return out, t_params, s_params
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="configs/imagenet64.py")
+  parser.add_argument("--utilisation", type=float, default=0.4,
+                      help="model-FLOPs utilisation assumed for the chip-hours")
+  parser.add_argument("--memory_batch", type=int, default=32,
+                      help="per-device batch for the memory analysis (2048 / 64 on v5e-64)")
+  parser.add_argument("--quick", action="store_true", help="runlocal config, tiny batches")
+  parser.add_argument("--json", default="", help="also write the results to this file")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.config = args.config if ":" in args.config else args.config + ":runlocal"
+    args.memory_batch = 2
+  config = load_config(args.config)
+  mesh = sharding.make_mesh(1)
+  steps, t_params, s_params = stage_steps(config, mesh)
+  key = jax.random.key(0)
+
+  flops = {}
+  for name, (step, state, frozen, section) in steps.items():
+    t0 = time.time()
+    lowered = step.lower(state, frozen, _abstract_batch(config, section.batch_size), key)
+    flops[name] = {"batch": section.batch_size,
+                   "flops": float(lowered.cost_analysis()["flops"]),
+                   "lower_s": time.time() - t0}
+  halvings = pipeline.halvings(config)
+  per_halving = config.stage_two.train_steps_per_halving
+  total = (config.stage_one.num_train_steps * flops["stage_one"]["flops"]
+           + sum(pipeline.halving_section(config, n).num_train_steps for n in halvings)
+           * flops["stage_two"]["flops"])
+  hours = {chip: total / (spec["tflops"] * 1e12 * args.utilisation) / 3600
+           for chip, spec in CHIPS.items()}
+
+  # Per-device memory: the stage-two step compiled for the per-device batch.
+  step, state, frozen, _ = steps["stage_two"]
+  t0 = time.time()
+  compiled = step.lower(state, frozen, _abstract_batch(config, args.memory_batch), key).compile()
+  mem = compiled.memory_analysis()
+  memory = {"batch": args.memory_batch, "compile_s": time.time() - t0,
+            "argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+            "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
+            "state_bytes": tree_bytes(state), "teacher_bytes": tree_bytes(s_params)}
+  # Donated state: outputs alias the arguments, so the peak is arguments + temporaries.
+  memory["peak_bytes"] = memory["argument_bytes"] + memory["temp_bytes"]
+
+  gib = 2**30
+  print(f"# python bench/scale_plan.py {' '.join(argv)}")
+  print(f"# {common.machine_line()}; config {args.config}: "
+        f"{sum(x.size for x in jax.tree.leaves(s_params)) / 1e6:.1f} M student parameters, "
+        f"model dtype {config.model.dtype}, remat {config.model.remat}")
+  print("| stage | global batch | TFLOP per step | steps |")
+  print("|---|---|---|---|")
+  print(f"| stage one | {flops['stage_one']['batch']} | {flops['stage_one']['flops'] / 1e12:.2f} | "
+        f"{config.stage_one.num_train_steps} |")
+  print(f"| stage two ({len(halvings)} halvings, {config.stage_two.start_num_steps}→{halvings[-1]} steps) | "
+        f"{flops['stage_two']['batch']} | {flops['stage_two']['flops'] / 1e12:.2f} | "
+        f"{len(halvings)} × {per_halving} |")
+  print(f"\nTotal: {total / 1e18:.1f} EFLOP. Chip-hours at {args.utilisation:.0%} of the dense "
+        "bfloat16 peak:")
+  print("| chip | peak TFLOP/s | chip-hours | days on 64 chips |")
+  print("|---|---|---|---|")
+  for chip, spec in CHIPS.items():
+    print(f"| {chip} | {spec['tflops']:.0f} | {hours[chip]:,.0f} | {hours[chip] / 64 / 24:.1f} |")
+  print(f"\nPer-device memory, stage-two step at per-device batch {args.memory_batch} "
+        f"(XLA CPU memory analysis, compile {memory['compile_s']:.0f} s):")
+  print(f"- train state (params, EMA, Adam moments, step counters): "
+        f"{memory['state_bytes'] / gib:.2f} GiB; frozen teacher: "
+        f"{memory['teacher_bytes'] / gib:.2f} GiB")
+  print(f"- arguments {memory['argument_bytes'] / gib:.2f} GiB + temporaries "
+        f"{memory['temp_bytes'] / gib:.2f} GiB = peak {memory['peak_bytes'] / gib:.2f} GiB "
+        f"(v5e has {CHIPS['TPU v5e']['hbm_gib']} GiB per chip)")
+  result = {"flops": flops, "total_flops": total, "chip_hours": hours, "memory": memory,
+            "utilisation": args.utilisation, "halvings": halvings}
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,89 @@
+"""Digits-FID of stage-one checkpoints: how well the w-conditioned student learned each w.
+
+    python bench/stage_one_fid.py --workdir=DIR [--steps=1000,2000,3000] [--w=0,1]
+        [--sampling_steps=64] [--reference=DIR_WITH_REPORT] [--config=configs/digits.py]
+        [--set stage_one.lr=1e-3 ...] [--teacher]
+
+For every checkpoint step given (default: all in ``DIR/stage_one/checkpoints``), samples
+``eval.num_samples`` class-balanced digits with the deterministic DDIM sampler at
+``--sampling_steps`` steps (one evaluation each: guidance is distilled) for each w, seed 0, and
+prints digits-FID against the training split. ``--set`` applies config overrides the run was
+trained with that change the model (e.g. ``model.w_fourier_scale``). The classifier and the
+reference statistics are read from (or cached in) ``--reference``/report. ``--teacher`` adds
+the workdir's teacher with guided DDIM at the same step count (two evaluations per step) as the
+yardstick: at w = 0 a perfect stage-one student matches its conditional branch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+from distill import checkpoints, pipeline, sample, sharding  # noqa: E402
+from distill.config_utils import load_config  # noqa: E402
+from distill.evaluation import evaluate, features  # noqa: E402
+
+
+def main(argv=None) -> list[dict]:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--config", default="configs/digits.py")
+  parser.add_argument("--steps", default="", help="checkpoint steps (default: all)")
+  parser.add_argument("--w", default="0,1")
+  parser.add_argument("--sampling_steps", type=int, default=64)
+  parser.add_argument("--reference", default="", help="workdir whose report/ caches the "
+                      "classifier and statistics (default: --workdir)")
+  parser.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
+  parser.add_argument("--teacher", action="store_true",
+                      help="also the teacher, guided DDIM at --sampling_steps")
+  args = parser.parse_args(argv)
+  config = load_config(args.config)
+  for item in args.set:
+    key, value = item.split("=", 1)
+    section, field = key.split(".")
+    config[section][field] = type(config[section][field])(value)
+  reference = args.reference or args.workdir
+  extract, _ = features.make_extractor(config, reference)
+  ref_stats = features.real_stats(config, extract, "train",
+                                  pathlib.Path(reference) / "report")
+  real = features.real_features(config, extract, "train", int(config.eval.pr_samples))
+  model = pipeline.student_model(config)
+  abstract = pipeline._abstract_params(model, config, sharding.make_mesh(1))  # pylint: disable=protected-access
+  directory = pathlib.Path(args.workdir) / "stage_one" / "checkpoints"
+  steps = ([int(s) for s in args.steps.split(",")] if args.steps else
+           sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()))
+  n = int(config.eval.num_samples)
+  labels = np.arange(n) % config.data.num_classes
+  rows = []
+  models = [(step, None) for step in steps]
+  if args.teacher:
+    models.append(("teacher", sample.load_model(args.workdir, "teacher", config=config)))
+  for step, loaded in models:
+    if loaded is None:
+      _, params = checkpoints.read_params(directory / str(step), abstract, what="stage one")
+      loaded = sample.LoadedModel("stage_one", model, params, config, None)
+    for w in (float(v) for v in args.w.split(",")):
+      x = sample.generate(loaded, sampler="deterministic", num_steps=args.sampling_steps,
+                          labels=labels, w=np.full(n, w), seed=0,
+                          batch_size=int(config.eval.batch_size))
+      result = evaluate.cell_metrics(extract, x, labels, ref_stats, real,
+                                     pr_samples=int(config.eval.pr_samples))
+      rows.append({"step": step, "w": w, "fid": result["fid"]})
+  print(f"# python bench/stage_one_fid.py {' '.join(argv)}")
+  print(f"# {common.machine_line()}")
+  print(f"| stage-one checkpoint step (or teacher) | w | digits-FID ({args.sampling_steps} DDIM steps, {n} samples) |")
+  print("|---|---|---|")
+  for r in rows:
+    print(f"| {r['step']} | {r['w']:g} | {r['fid']:.3f} |")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
