@@ -113,7 +113,8 @@ def stage_one_objective(student, teacher, *, w_min: float, w_max: float,
   return objective
 
 
-def stage_two_target(teacher_denoise_fn, z_t, t, num_student_steps):
+def stage_two_target(teacher_denoise_fn, z_t, t, num_student_steps, *,
+                     logsnr_fn=schedules.cosine_logsnr):
   """Target ``x̃`` of progressive distillation (Algorithm 2, as in PD; DESIGN.md §1).
 
   The teacher takes two DDIM steps of ``1/(2N)`` each, ``t → t' = t − 0.5/N → t'' = t − 1/N``
@@ -125,13 +126,14 @@ def stage_two_target(teacher_denoise_fn, z_t, t, num_student_steps):
   Edge cases (times are clipped at 0): when ``t'' = 0`` the teacher's last step ends on the data
   and ``x̃ = x̂'``, its x-prediction at ``t'``; when ``t' = 0`` (a start time ``1/(2N)`` of the
   finer grid used for the stochastic sampler) ``x̃ = x̂``, the teacher's one step to 0.
-  ``t`` has one value per example; ``num_student_steps`` may be a traced scalar.
+  ``t`` has one value per example; ``num_student_steps`` may be a traced scalar. ``logsnr_fn``
+  is the teacher's schedule (a latent teacher's ``DiscreteSchedule.logsnr``).
   """
   t = jnp.asarray(t, jnp.float32)
   n = jnp.asarray(num_student_steps, jnp.float32)
   t_mid = jnp.maximum(t - 0.5 / n, 0.0)
   t_end = jnp.maximum(t - 1.0 / n, 0.0)
-  lam_t, lam_mid, lam_end = (schedules.cosine_logsnr(u) for u in (t, t_mid, t_end))
+  lam_t, lam_mid, lam_end = (logsnr_fn(u) for u in (t, t_mid, t_end))
   x_t = teacher_denoise_fn(z_t, t)
   z_mid = diffusion.ddim_step(z_t, x_t, lam_t, lam_mid)
   x_mid = teacher_denoise_fn(z_mid, t_mid)

@@ -1,0 +1,1 @@
+"""Latent-space teachers: Stable-Diffusion-family models in Flax, weight import, schedules."""
