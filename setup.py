@@ -29,7 +29,8 @@ setup(
         "tensorboard>=2.18",
         "chex>=0.1.90",
         "numpy>=2.0",
-        "safetensors>=0.4",  # converted weights (FID Inception-v3)
+        "safetensors>=0.4",  # converted weights (FID Inception-v3), latent-space teachers
+        "tokenizers>=0.20",  # the CLIP BPE tokenizer of latent-space teachers
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11",
@@ -37,5 +38,7 @@ setup(
                  "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
         # bench/peer_pytorch.py: the diffusers U-Net side by side (the CPU build of torch).
         "bench": ["torch==2.13.0", "diffusers>=0.35"],
+        # tests/fixtures/make_latent_fixtures.py: tiny diffusers/transformers models and outputs.
+        "parity": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50"],
     },
 )

@@ -1,0 +1,136 @@
+"""PyTorch-layout safetensors → Flax parameter trees, with full key coverage.
+
+Safetensors only: a pickled checkpoint (``.bin``, ``.ckpt``, ``.pt``) is never unpickled here.
+A file key ``a.b.0.c.weight`` names the Flax leaf whose module path, joined with ``_``, is
+``a_b_0_c`` (our modules are named after diffusers'/transformers' paths) and whose parameter is
+``kernel``, ``scale`` or ``embedding`` (``bias`` for ``bias``). Layout rules (PyTorch → Flax):
+Conv2d ``(O, I, kH, kW)`` → ``(kH, kW, I, O)``; Linear ``(out, in)`` → ``(in, out)``; a 1×1 conv
+weight loads into a Linear (old VAE attention); norms and embeddings as they are. Every Flax leaf
+must be filled and every file tensor used (``IGNORED`` lists the deliberate exceptions); any
+mismatch is one error naming the key and both shapes. bf16/fp16 files load as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import traverse_util
+from safetensors import safe_open
+
+# Buffers some files carry that are not parameters.
+IGNORED = ("text_model.embeddings.position_ids",)
+# Pre-0.14 diffusers attention names (SD 1.x VAE files) → current names.
+_OLD_ATTENTION = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_OLD_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_PICKLES = (".bin", ".ckpt", ".pt", ".pth")
+_PREFERRED = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+class WeightsError(ValueError):
+  """A weight file that does not fit the model built from its config."""
+
+
+def rename_old_keys(key: str) -> str:
+  m = _OLD_ATTENTION.search(key)
+  if not m:
+    return key
+  return key[:m.start()] + f"{m.group(1)}.{_OLD_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def safetensors_files(folder, variant: str | None = None) -> list[epath.Path]:
+  """The safetensors file(s) of one model folder (sharded files through their index)."""
+  folder = epath.Path(folder)
+  suffix = f".{variant}.safetensors" if variant else ".safetensors"
+  indices = sorted(folder.glob(f"*{suffix}.index.json"))
+  if indices:
+    shards = sorted(set(json.loads(indices[0].read_text())["weight_map"].values()))
+    return [folder / s for s in shards]
+  names = [p.name for p in folder.glob(f"*{suffix}")]
+  if not variant:
+    names = [n for n in names if n.count(".") == 1]
+  for preferred in _PREFERRED:
+    if not variant and preferred in names:
+      return [folder / preferred]
+  if len(names) == 1:
+    return [folder / names[0]]
+  pickles = sorted(p.name for p in folder.glob("*") if p.suffix in _PICKLES)
+  if not names and pickles:
+    raise WeightsError(f"{folder}: only pickled weights ({', '.join(pickles)}); they are not "
+                       "unpickled here. Convert them to safetensors (README, 'Latent-space "
+                       "teachers').")
+  raise WeightsError(f"{folder}: expected one *{suffix} weight file, found "
+                     f"{sorted(names) or 'none'}.")
+
+
+def read_safetensors(files) -> dict[str, np.ndarray]:
+  """All tensors of the files as float32 NumPy arrays (bf16 read through the Flax backend)."""
+  tensors = {}
+  for path in files:
+    with safe_open(str(path), framework="flax") as f:
+      for key in f.keys():
+        value = f.get_tensor(key)
+        if jnp.issubdtype(value.dtype, jnp.floating):
+          value = value.astype(jnp.float32)
+        tensors[key] = np.asarray(value)
+  return tensors
+
+
+def _canonical_flax(params) -> dict[tuple[str, str], tuple]:
+  """``(module path joined by _, torch parameter name) -> Flax path``."""
+  out = {}
+  for path in traverse_util.flatten_dict(params):
+    leaf = path[-1]
+    torch_name = "bias" if leaf == "bias" else "weight"
+    key = ("_".join(path[:-1]), torch_name)
+    if key in out:
+      raise WeightsError(f"ambiguous parameter names {out[key]} and {path}")
+    out[key] = path
+  return out
+
+
+def _to_flax(key: str, value: np.ndarray, leaf: str, target_shape) -> np.ndarray:
+  if leaf == "kernel":
+    if len(target_shape) == 4 and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    elif len(target_shape) == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
+      value = value[:, :, 0, 0].T
+    elif len(target_shape) == 2 and value.ndim == 2:
+      value = value.T
+  if tuple(value.shape) != tuple(target_shape):
+    raise WeightsError(f"{key}: the file's tensor has shape {tuple(value.shape)} (as Flax "
+                       f"{leaf}), the model built from config.json expects {tuple(target_shape)}.")
+  return value
+
+
+def load_into(abstract_params: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
+              what: str = "model") -> dict:
+  """Fills a Flax parameter tree (shapes from ``jax.eval_shape``) from PyTorch-named tensors.
+
+  ``what`` names the part in errors. Raises ``WeightsError`` on a missing, unexpected or
+  mis-shaped tensor.
+  """
+  canon = _canonical_flax(abstract_params)
+  targets = traverse_util.flatten_dict(abstract_params)
+  filled = {}
+  for key in sorted(tensors):
+    if key in IGNORED:
+      continue
+    parts = rename_old_keys(key).split(".")
+    path = canon.get(("_".join(parts[:-1]), parts[-1]))
+    if path is None:
+      raise WeightsError(f"{what}: unexpected tensor {key} {tuple(tensors[key].shape)}: no "
+                         "parameter of the model built from config.json takes it.")
+    if path in filled:
+      raise WeightsError(f"{what}: {key} fills {'/'.join(path)} a second time.")
+    filled[path] = jnp.asarray(_to_flax(f"{what}: {key}", tensors[key], path[-1],
+                                        targets[path].shape), jnp.float32)
+  missing = [p for p in targets if p not in filled]
+  if missing:
+    raise WeightsError(f"{what}: {len(missing)} parameter(s) missing from the file, first "
+                       f"{'/'.join(missing[0])} {tuple(targets[missing[0]].shape)}.")
+  return traverse_util.unflatten_dict(filled)
