@@ -50,7 +50,7 @@ def test_text_unet_matches_diffusers(sd, ref):
   assert np.abs(ref["unet_out"]).max() > 0.1  # a real signal, not zeros
 
 
-@pytest.mark.parametrize("name", ["unet-inpaint", "unet-lcm", "unet-cin"])
+@pytest.mark.parametrize("name", ["unet-inpaint", "unet-lcm"])
 def test_unet_variants_match_diffusers(ref, name):
   models = pretrained.load_pretrained(FIXTURES / name)
   extra = {"timestep_cond": ref[f"{name}_timestep_cond"]} if name == "unet-lcm" else {}
@@ -63,6 +63,23 @@ def test_unet_variants_match_diffusers(ref, name):
     assert _max_err(other, nhwc(ref[f"{name}_out"])) > 1e-3
     with pytest.raises(ValueError, match="timestep_cond"):
       models.unet_apply(nhwc(ref[f"{name}_sample"]), ref["timesteps"], ref[f"{name}_context"])
+
+
+def test_class_conditional_ldm_matches_diffusers(ref):
+  """VQ first stage (pre-quantisation latents; decode quantises), class context, U-Net."""
+  cin = pretrained.load_pretrained(FIXTURES / "tiny-cin")
+  latents = cin.encode_image(nhwc(ref["cin_images"]))
+  assert _max_err(latents, nhwc(ref["cin_latents"])) <= TOL
+  context = cin.encode_class(ref["cin_labels"])
+  assert context.shape == (2, 1, 12) and _max_err(context, ref["cin_context"]) <= TOL
+  assert _max_err(cin.decode_latents(latents), nhwc(ref["cin_decoded"])) <= TOL
+  out = cin.unet_apply(latents, ref["timesteps"], context)
+  assert _max_err(out, nhwc(ref["cin_unet_out"])) <= TOL
+  # Decoding quantises: without it the images differ.
+  unquantised = cin.vqvae.apply({"params": cin.vqvae_params}, latents, True,
+                                method=vae.VQModel.decode)
+  assert _max_err(unquantised, nhwc(ref["cin_decoded"])) > 1e-3
+  assert cin.schedule.logsnr_table[-1] == pytest.approx(-8.857, abs=2e-3)
 
 
 @pytest.mark.parametrize("name", ["unet-fp16", "unet-bf16"])
@@ -227,8 +244,10 @@ def test_full_size_parameter_counts():
   n_vae = _count(v, jnp.zeros((1, 64, 64, 3)))
   c = unet.UNet2DConditionModel(unet.UNetConfig.from_diffusers(reference_configs.CIN256_UNET))
   n_cin = _count(c, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)), jnp.zeros((1, 1, 512)))
+  q = vae.VQModel(vae.VQConfig.from_diffusers(reference_configs.CIN256_VQ))
+  n_vq = _count(q, jnp.zeros((1, 16, 16, 3)))
   print(f"SD 1.5 U-Net {n_unet:,}, text encoder {n_text:,}, VAE {n_vae:,}; "
-        f"cin256 U-Net {n_cin:,}")
+        f"cin256 U-Net {n_cin:,}, VQ-f4 {n_vq:,}")
   assert round(n_unet / 1e6, 1) == 859.5
   assert round(n_text / 1e6, 1) == 123.1
   assert round(n_vae / 1e6, 1) == 83.7

@@ -1,7 +1,8 @@
 """``load_pretrained(path)``: a diffusers-layout folder → Flax modules, parameters and helpers.
 
 A Stable-Diffusion folder has ``model_index.json`` and one subfolder per part (``unet/``,
-``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), each with its ``config.json`` (or
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; a class-conditional LDM has
+``vqvae/`` and ``class_embedder/`` instead of ``vae/``, ``text_encoder/``, ``tokenizer/``), each with its ``config.json`` (or
 ``scheduler_config.json``) and safetensors weights; a folder holding one part's ``config.json``
 (e.g. an inpainting U-Net alone) loads that part. Each module is built from its config, so tiny
 and full-size models come from the same code, and its parameters are filled by
@@ -63,6 +64,25 @@ def load_vae(folder, *, dtype=jnp.float32, variant: str | None = None):
   return module, _load_params(module, args, folder, f"{folder.name}", variant)
 
 
+def load_vqvae(folder, *, dtype=jnp.float32, variant: str | None = None):
+  """``(VQModel, params)`` from a diffusers ``vqvae/`` folder (LDM's VQ first stage)."""
+  folder = epath.Path(folder)
+  cfg = vae.VQConfig.from_diffusers(_config(folder))
+  module = vae.VQModel(cfg, dtype=dtype)
+  size = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)
+  args = [jnp.zeros((1, size, size, cfg.autoencoder.in_channels))]
+  return module, _load_params(module, args, folder, f"{folder.name}", variant)
+
+
+def load_class_embedder(folder, *, variant: str | None = None):
+  """``(ClassEmbedder, params)`` from a ``class_embedder/`` folder: ``config.json`` with
+  ``num_classes`` and ``embed_dim``, and ``embedding.weight`` in safetensors."""
+  folder = epath.Path(folder)
+  cfg = _config(folder)
+  module = vae.ClassEmbedder(int(cfg["num_classes"]), int(cfg["embed_dim"]))
+  return module, _load_params(module, [jnp.zeros((1,), jnp.int32)], folder, folder.name, variant)
+
+
 def load_text_encoder(folder, *, dtype=jnp.float32, variant: str | None = None):
   """``(CLIPTextTransformer, params)`` from a transformers ``text_encoder/`` folder."""
   folder = epath.Path(folder)
@@ -84,6 +104,10 @@ class LatentModels:
   vae_params: Any = None
   text_encoder: clip.CLIPTextTransformer | None = None
   text_encoder_params: Any = None
+  vqvae: vae.VQModel | None = None
+  vqvae_params: Any = None
+  class_embedder: vae.ClassEmbedder | None = None
+  class_embedder_params: Any = None
   tokenizer: tokenizer_lib.CLIPTokenizer | None = None
   schedule: schedule_lib.DiscreteSchedule | None = None
   prediction_type: str | None = None
@@ -108,6 +132,17 @@ class LatentModels:
   def _decode_fn(self):
     return jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=vae.AutoencoderKL.decode))
 
+  @functools.cached_property
+  def _vq_fns(self):
+    enc = jax.jit(lambda p, x: self.vqvae.apply({"params": p}, x, method=vae.VQModel.encode))
+    dec = jax.jit(lambda p, z: self.vqvae.apply({"params": p}, z, method=vae.VQModel.decode))
+    return enc, dec
+
+  def _first_stage(self):
+    if self.vae is None and self.vqvae is None:
+      raise ValueError(f"{self.path} has no vae/ or vqvae/ part.")
+    return self.vae.config if self.vae is not None else self.vqvae.config.autoencoder
+
   def encode_prompt(self, prompts) -> jax.Array:
     """``[B, 77, D]``: CLIP ``last_hidden_state`` of the padded prompts (SD's context)."""
     self._need("tokenizer")
@@ -115,17 +150,28 @@ class LatentModels:
     return self._text_fn(self.text_encoder_params, jnp.asarray(self.tokenizer(prompts)))
 
   def encode_image(self, images, rng=None) -> jax.Array:
-    """NHWC images in [−1, 1] → ``scaling_factor``·latents (the mean; a draw if ``rng``)."""
-    self._need("vae")
-    mean, logvar = self._encode_fn(self.vae_params, jnp.asarray(images, jnp.float32))
+    """NHWC images in [−1, 1] → ``scaling_factor``·latents: the KL encoder's mean (a draw if
+    ``rng``), or a VQ first stage's pre-quantisation latents."""
+    scale = self._first_stage().scaling_factor
+    images = jnp.asarray(images, jnp.float32)
+    if self.vae is None:
+      return scale * self._vq_fns[0](self.vqvae_params, images)
+    mean, logvar = self._encode_fn(self.vae_params, images)
     z = mean if rng is None else vae.sample_latents(mean, logvar, rng)
-    return self.vae.config.scaling_factor * z
+    return scale * z
 
   def decode_latents(self, latents) -> jax.Array:
-    """Scaled latents → NHWC images (about [−1, 1])."""
-    self._need("vae")
-    return self._decode_fn(self.vae_params,
-                           jnp.asarray(latents, jnp.float32) / self.vae.config.scaling_factor)
+    """Scaled latents → NHWC images (about [−1, 1]); a VQ first stage quantises first."""
+    latents = jnp.asarray(latents, jnp.float32) / self._first_stage().scaling_factor
+    if self.vae is None:
+      return self._vq_fns[1](self.vqvae_params, latents)
+    return self._decode_fn(self.vae_params, latents)
+
+  def encode_class(self, labels) -> jax.Array:
+    """Class labels → the one-token context ``[B, 1, D]`` of a class-conditional LDM."""
+    self._need("class_embedder")
+    return self.class_embedder.apply({"params": self.class_embedder_params},
+                                     jnp.asarray(labels, jnp.int32))
 
   def unet_apply(self, latents, timesteps, context, **extra) -> jax.Array:
     """diffusers' ``UNet2DConditionModel(...).sample`` in NHWC; ``extra``: ``timestep_cond``."""
@@ -143,8 +189,8 @@ class LatentModels:
                                       self.schedule, prediction_type=self.prediction_type)
 
 
-_LOADERS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae",
-            "CLIPTextModel": "text_encoder"}
+_LOADERS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "VQModel": "vqvae",
+            "CLIPTextModel": "text_encoder", "ClassEmbedder": "class_embedder"}
 
 
 def load_pretrained(path, *, dtype=jnp.float32, remat: bool = False,
@@ -176,6 +222,11 @@ def load_pretrained(path, *, dtype=jnp.float32, remat: bool = False,
                                           variant=variant)
   if "vae" in parts:
     out.vae, out.vae_params = load_vae(parts["vae"], dtype=dtype, variant=variant)
+  if "vqvae" in parts:
+    out.vqvae, out.vqvae_params = load_vqvae(parts["vqvae"], dtype=dtype, variant=variant)
+  if "class_embedder" in parts:
+    out.class_embedder, out.class_embedder_params = load_class_embedder(
+        parts["class_embedder"], variant=variant)
   if "text_encoder" in parts:
     out.text_encoder, out.text_encoder_params = load_text_encoder(
         parts["text_encoder"], dtype=dtype, variant=variant)

@@ -2,7 +2,7 @@
 
 The diffusers ``config.json`` fields (latent-space-facts.md §1) of Stable Diffusion 1.5's U-Net,
 VAE and CLIP ViT-L/14 text encoder, and the diffusers equivalent of the LDM ``cin256-v2``
-U-Net. ``jax.eval_shape`` of the modules built from them gives parameter counts and shapes
+U-Net and VQ-f4 first stage. ``jax.eval_shape`` of the modules built from them gives parameter counts and shapes
 (tests/test_latent_models.py, bench/latent_memory.py) without allocating anything.
 """
 
@@ -38,6 +38,14 @@ CIN256_UNET = {
     "attention_head_dim": 1, "cross_attention_dim": 512, "norm_num_groups": 32,
     "use_linear_projection": False,
 }
+
+CIN256_VQ = {
+    "_class_name": "VQModel", "in_channels": 3, "out_channels": 3, "latent_channels": 3,
+    "block_out_channels": [128, 256, 512], "layers_per_block": 2,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "num_vq_embeddings": 8192, "vq_embed_dim": 3, "norm_num_groups": 32, "scaling_factor": 1.0,
+}
+CIN256_CLASS_EMBEDDER = {"_class_name": "ClassEmbedder", "num_classes": 1001, "embed_dim": 512}
 
 SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "prediction_type": "epsilon"}

@@ -84,8 +84,10 @@ def _mid_block(x, ch, groups, dtype, prefix, parent_resnet):
 
 
 class Encoder(nn.Module):
+  """Ends in ``2·latent_channels`` (mean, logvar) with ``double_z``, else ``latent_channels``."""
   config: VAEConfig
   dtype: Any = jnp.float32
+  double_z: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -103,7 +105,8 @@ class Encoder(nn.Module):
                         dtype=dt)(h)
     h = _mid_block(h, cfg.block_out_channels[-1], cfg.norm_num_groups, dt, "mid_block", resnet)
     h = nn.GroupNorm(cfg.norm_num_groups, epsilon=_EPS, dtype=dt, name="conv_norm_out")(h)
-    return layers.conv(2 * cfg.latent_channels, name="conv_out", dtype=dt)(nn.silu(h))
+    out = (2 if self.double_z else 1) * cfg.latent_channels
+    return layers.conv(out, name="conv_out", dtype=dt)(nn.silu(h))
 
 
 class Decoder(nn.Module):
@@ -165,3 +168,75 @@ class AutoencoderKL(nn.Module):
 def sample_latents(mean, logvar, rng):
   """A draw from the encoder's diagonal Gaussian ``mean + exp(logvar/2)·ε``."""
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+  """diffusers ``VQModel`` fields (the LDM cin256-v2 first stage is VQ-f4: channels
+  [128, 256, 512], 2 resnets, 3 latent channels, 8192 codes, scale 1.0)."""
+  autoencoder: VAEConfig
+  num_vq_embeddings: int
+  vq_embed_dim: int
+
+  @classmethod
+  def from_diffusers(cls, config: Mapping[str, Any]) -> "VQConfig":
+    if config.get("norm_type", "group") != "group":
+      raise ValueError(f"vqvae config: norm_type={config['norm_type']!r} is not supported "
+                       "('group').")
+    if config.get("lookup_from_codebook", False):
+      raise ValueError("vqvae config: lookup_from_codebook=true is not supported.")
+    base = VAEConfig.from_diffusers(
+        {k: v for k, v in config.items() if k not in ("norm_type", "lookup_from_codebook")})
+    latent = base.latent_channels
+    return cls(base, int(config.get("num_vq_embeddings", 256)),
+               int(config.get("vq_embed_dim") or latent))
+
+
+def quantize(latents, codebook):
+  """Each latent vector (last axis) replaced by its nearest code (Euclidean), and the indices."""
+  flat = latents.reshape(-1, latents.shape[-1])
+  dist = (jnp.sum(flat ** 2, axis=1, keepdims=True) - 2.0 * flat @ codebook.T
+          + jnp.sum(codebook ** 2, axis=1)[None, :])
+  idx = jnp.argmin(dist, axis=1)
+  return codebook[idx].reshape(latents.shape), idx.reshape(latents.shape[:-1])
+
+
+class VQModel(nn.Module):
+  """diffusers ``VQModel``: ``encode`` gives the **pre-quantisation** latents (encoder →
+  ``quant_conv``), on which LDM's diffusion runs; ``decode`` quantises to the nearest code of
+  ``quantize.embedding``, then ``post_quant_conv`` → decoder."""
+  config: VQConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg, ae = self.config, self.config.autoencoder
+    self.encoder = Encoder(ae, dtype=self.dtype, double_z=False)
+    self.decoder = Decoder(ae, dtype=self.dtype)
+    self.quant_conv = layers.conv(cfg.vq_embed_dim, 1, name="quant_conv", dtype=self.dtype)
+    self.post_quant_conv = layers.conv(ae.latent_channels, 1, name="post_quant_conv",
+                                       dtype=self.dtype)
+    self.quantize_embedding = nn.Embed(cfg.num_vq_embeddings, cfg.vq_embed_dim,
+                                       name="quantize_embedding")
+
+  def encode(self, images):
+    return self.quant_conv(self.encoder(images)).astype(jnp.float32)
+
+  def decode(self, latents, force_not_quantize: bool = False):
+    if not force_not_quantize:
+      latents, _ = quantize(jnp.asarray(latents, jnp.float32), self.quantize_embedding.embedding)
+    return self.decoder(self.post_quant_conv(latents.astype(self.dtype))).astype(jnp.float32)
+
+  def __call__(self, images):
+    return self.decode(self.encode(images))
+
+
+class ClassEmbedder(nn.Module):
+  """LDM's ``ClassEmbedder``: label → ``embedding`` row as a one-token context ``[B, 1, D]``
+  (cin256-v2: 1001 rows × 512, row 1000 the null class of classifier-free guidance)."""
+  num_classes: int
+  embed_dim: int
+
+  @nn.compact
+  def __call__(self, labels):
+    return nn.Embed(self.num_classes, self.embed_dim, name="embedding")(
+        jnp.asarray(labels, jnp.int32))[:, None, :]
