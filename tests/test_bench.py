@@ -94,3 +94,15 @@ def test_stage_memory_quick(capsys):
   assert [r["stage"] for r in results] == ["teacher", "stage_one", "stage_two", "eval"]
   assert all(0.1 < r["peak_rss_gib"] < 24 for r in results)  # a real process's RSS, in GiB
   assert "peak RSS" in capsys.readouterr().out
+
+
+def test_latent_memory_quick(capsys):
+  """The SD state arithmetic from the published parameter counts, and one compiled analysis."""
+  result = _script("latent_memory").main(["--quick"])
+  assert round(result["text_params"] / 1e6, 1) == 123.1
+  assert round(result["vae_params"] / 1e6, 1) == 83.7
+  n = result["unet_params"]
+  assert result["state_bytes"] == (4 + 4 + 8 + 4 + 2) * n
+  (row,) = result["rows"]
+  assert row["temp_bytes"] > 0 and row["total_bytes"] == result["state_bytes"] + row["temp_bytes"]
+  assert "| **total** |" in capsys.readouterr().out

@@ -1,0 +1,121 @@
+"""Per-chip memory of distilling Stable Diffusion 1.5, before launching (nothing is allocated).
+
+    python bench/latent_memory.py [--batches=1,4] [--remat=both|on|off] [--quick]
+
+1. Parameter counts of the SD 1.5 U-Net, text encoder and VAE from ``jax.eval_shape`` of the
+   modules built from their published configs (``distill/latent/reference_configs.py``).
+2. State bytes per chip under data parallelism, counted by hand: the student's float32
+   parameters, gradients, Adam moments (2×) and EMA, and the frozen teacher U-Net in bfloat16;
+   the text encoder and VAE are not resident (latents and prompt embeddings precomputed, as
+   MaxDiffusion does by default) — their bfloat16 size is listed for when they are.
+3. Activations: XLA's memory analysis (temporary bytes) of the student's forward + backward
+   pass at 64×64×4 latents, bfloat16 activations, 77 context tokens, compiled for this CPU at
+   each per-chip batch with and without ``remat``. A TPU compile lays memory out differently,
+   so this is an estimate, not a guarantee. The teacher's forward pass (no gradient, batch 2B
+   for both guidance branches) is smaller than the student's backward pass and is not added.
+
+``--quick`` runs a tiny U-Net config instead (for the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+from distill.latent import clip, reference_configs, unet, vae  # noqa: E402
+
+CHIPS = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "H100": 80}  # HBM GiB per chip
+TINY_UNET = dict(reference_configs.SD15_UNET, block_out_channels=[32, 64], layers_per_block=1,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
+                 attention_head_dim=2)
+
+
+def _params(module, *args):
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+
+
+def _count(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def activation_bytes(module, params, batch: int, size: int, ctx_dim: int) -> dict:
+  """Temporary bytes of ``grad`` of a squared-error loss through ``module`` (XLA analysis)."""
+  def loss(p, z, t, c, target):
+    return jnp.mean(jnp.square(module.apply({"params": p}, z, t, c) - target))
+
+  args = (params, jax.ShapeDtypeStruct((batch, size, size, 4), jnp.float32),
+          jax.ShapeDtypeStruct((batch,), jnp.float32),
+          jax.ShapeDtypeStruct((batch, 77, ctx_dim), jnp.float32),
+          jax.ShapeDtypeStruct((batch, size, size, 4), jnp.float32))
+  t0 = time.time()
+  compiled = jax.jit(jax.grad(loss)).lower(*args).compile()
+  mem = compiled.memory_analysis()
+  return {"batch": batch, "temp_bytes": int(mem.temp_size_in_bytes),
+          "compile_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batches", default="1,4")
+  parser.add_argument("--remat", default="both", choices=("both", "on", "off"))
+  parser.add_argument("--quick", action="store_true")
+  args = parser.parse_args(argv)
+  batches = [int(b) for b in args.batches.split(",")] if not args.quick else [1]
+  remats = {"both": (False, True), "on": (True,), "off": (False,)}[
+      "off" if args.quick else args.remat]
+  unet_cfg = unet.UNetConfig.from_diffusers(TINY_UNET if args.quick else reference_configs.SD15_UNET)
+  size = 16 if args.quick else 64
+  u_params = _params(unet.UNet2DConditionModel(unet_cfg), jnp.zeros((1, 8, 8, 4)),
+                     jnp.zeros((1,)), jnp.zeros((1, 77, unet_cfg.cross_attention_dim)))
+  n_unet = _count(u_params)
+  n_text = _count(_params(clip.CLIPTextTransformer(clip.CLIPTextConfig.from_transformers(
+      reference_configs.SD15_TEXT_ENCODER)), jnp.zeros((1, 77), jnp.int32)))
+  n_vae = _count(_params(vae.AutoencoderKL(vae.VAEConfig.from_diffusers(
+      reference_configs.SD15_VAE)), jnp.zeros((1, 8, 8, 3))))
+  state = {"student params (f32)": 4 * n_unet, "gradients (f32)": 4 * n_unet,
+           "Adam moments (f32, 2×)": 8 * n_unet, "EMA (f32)": 4 * n_unet,
+           "teacher U-Net (bf16)": 2 * n_unet}
+  state_total = sum(state.values())
+  rows = []
+  for remat in remats:
+    module = unet.UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, remat=remat)
+    for b in batches:
+      r = activation_bytes(module, u_params, b, size, unet_cfg.cross_attention_dim)
+      r["remat"] = remat
+      r["total_bytes"] = state_total + r["temp_bytes"]
+      rows.append(r)
+
+  gib = 2**30
+  print(f"# python bench/latent_memory.py {' '.join(argv or sys.argv[1:])}")
+  print(f"# {common.machine_line()}")
+  print(f"U-Net {n_unet:,} parameters, text encoder {n_text:,}, VAE {n_vae:,}"
+        f"{' (tiny U-Net: --quick)' if args.quick else ''}\n")
+  print("| state per chip | GiB |\n|---|---|")
+  for k, v in state.items():
+    print(f"| {k} | {v / gib:.2f} |")
+  print(f"| **total** | **{state_total / gib:.2f}** |")
+  print(f"| (text encoder + VAE in bf16, if resident) | {2 * (n_text + n_vae) / gib:.2f} |\n")
+  print("| per-chip batch | remat | activations (GiB) | state + activations (GiB) | fits on |"
+        "\n|---|---|---|---|---|")
+  for r in rows:
+    fits = [c for c, hbm in CHIPS.items() if r["total_bytes"] < 0.9 * hbm * gib]
+    print(f"| {r['batch']} | {'on' if r['remat'] else 'off'} | {r['temp_bytes'] / gib:.2f} | "
+          f"{r['total_bytes'] / gib:.2f} | {', '.join(fits) or 'none (shard the state)'} |")
+  result = {"unet_params": n_unet, "text_params": n_text, "vae_params": n_vae,
+            "state_bytes": state_total, "rows": rows}
+  print("\n" + json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
