@@ -49,17 +49,6 @@ class CLIPTextConfig:
                hidden_act=act, layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)))
 
 
-def _causal_attention(q, k, v, num_heads):
-  b, length, inner = q.shape
-  d = inner // num_heads
-  q, k, v = (a.reshape(b, length, num_heads, d) for a in (q, k, v))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * d ** -0.5
-  mask = jnp.tril(jnp.ones((length, length), bool))
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, inner)
-
-
 class CLIPTextTransformer(nn.Module):
   """``input_ids [B, L] -> last_hidden_state [B, L, hidden]`` (after ``final_layer_norm``)."""
   config: CLIPTextConfig
@@ -82,10 +71,10 @@ class CLIPTextTransformer(nn.Module):
     for i in range(cfg.num_hidden_layers):
       p = f"text_model_encoder_layers_{i}"
       x = ln(f"{p}_layer_norm1")(h)
-      a = _causal_attention(dense(cfg.hidden_size, f"{p}_self_attn_q_proj")(x),
-                            dense(cfg.hidden_size, f"{p}_self_attn_k_proj")(x),
-                            dense(cfg.hidden_size, f"{p}_self_attn_v_proj")(x),
-                            cfg.num_attention_heads)
+      a = layers.attention(dense(cfg.hidden_size, f"{p}_self_attn_q_proj")(x),
+                           dense(cfg.hidden_size, f"{p}_self_attn_k_proj")(x),
+                           dense(cfg.hidden_size, f"{p}_self_attn_v_proj")(x),
+                           cfg.num_attention_heads, causal=True)
       h = h + dense(cfg.hidden_size, f"{p}_self_attn_out_proj")(a)
       x = ln(f"{p}_layer_norm2")(h)
       x = act(dense(cfg.intermediate_size, f"{p}_mlp_fc1")(x))

@@ -49,14 +49,18 @@ def exact_gelu(x):
   return jax.nn.gelu(x, approximate=False)
 
 
-def attention(q, k, v, num_heads: int):
-  """Scaled dot-product attention of ``[B, L, H·d]`` tensors, ``scale = d^−½``; softmax in f32."""
+def attention(q, k, v, num_heads: int, *, causal: bool = False):
+  """Scaled dot-product attention of ``[B, L, H·d]`` tensors, ``scale = d^−½``; softmax in f32.
+  ``causal`` masks keys after each query (the CLIP text encoder)."""
   b, lq, inner = q.shape
   d = inner // num_heads
   q = q.reshape(b, lq, num_heads, d)
   k = k.reshape(b, k.shape[1], num_heads, d)
   v = v.reshape(b, v.shape[1], num_heads, d)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
+  if causal:
+    mask = jnp.tril(jnp.ones((lq, k.shape[1]), bool))
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, lq, inner)
 

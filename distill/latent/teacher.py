@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from distill import diffusion
+from distill import diffusion, losses
 from distill.latent import schedule as schedule_lib
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -98,7 +98,7 @@ def v_finetune_objective(net_fn: Callable, schedule: schedule_lib.DiscreteSchedu
     else:
       # x̂ − x = −σ (v̂ − v), so ‖x̂ − x‖² = σ² ‖v̂ − v‖².
       sigma2 = jax.nn.sigmoid(-logsnr)
-      per_example = jnp.maximum(jnp.exp(logsnr), 1.0) * sigma2 * v_mse
+      per_example = losses.snr_trunc_weight(logsnr) * sigma2 * v_mse
     loss = jnp.mean(per_example)
     return loss, {"loss": loss, "v_mse": jnp.mean(v_mse)}
   return objective
