@@ -40,5 +40,7 @@ setup(
         "bench": ["torch==2.13.0", "diffusers>=0.35"],
         # tests/fixtures/make_latent_fixtures.py: tiny diffusers/transformers models and outputs.
         "parity": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50"],
+        # python -m distill.latent.convert: CompVis checkpoints → diffusers-layout folders.
+        "convert": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "pyyaml>=6"],
     },
 )
