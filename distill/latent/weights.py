@@ -134,3 +134,45 @@ def load_into(abstract_params: Mapping[str, Any], tensors: Mapping[str, np.ndarr
     raise WeightsError(f"{what}: {len(missing)} parameter(s) missing from the file, first "
                        f"{'/'.join(missing[0])} {tuple(targets[missing[0]].shape)}.")
   return traverse_util.unflatten_dict(filled)
+
+
+def _to_torch(value: np.ndarray, leaf: str, file_shape) -> np.ndarray:
+  """Inverse of ``_to_flax``: a Flax leaf back to the layout of the file's tensor."""
+  value = np.asarray(value, np.float32)
+  if leaf == "kernel":
+    if value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2 and len(file_shape) == 4:
+      value = value.T[:, :, None, None]
+    elif value.ndim == 2:
+      value = value.T
+  return value
+
+
+def export_like(params: Mapping[str, Any], files, *, what: str = "model",
+                key_prefix: str = "") -> dict[str, np.ndarray]:
+  """``params`` (a tree ``load_into`` filled from ``files``) as float32 tensors under the files'
+  own keys and layouts, so the result can replace those files: what ``load_into`` did, undone.
+  Ignored buffers (``IGNORED``) are copied from the files; ``key_prefix`` as when loading (file
+  keys without it are looked up with it, e.g. ``text_model.`` for transformers 5 CLIP files)."""
+  canon = _canonical_flax(params)
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path in files:
+    with safe_open(str(path), framework="numpy") as f:
+      for key in f.keys():
+        shape = tuple(f.get_slice(key).get_shape())
+        name = key if not key_prefix or key.startswith(key_prefix) else key_prefix + key
+        if name in IGNORED:
+          out[key] = f.get_tensor(key)
+          continue
+        parts = rename_old_keys(name).split(".")
+        leaf_path = canon.get(("_".join(parts[:-1]), parts[-1]))
+        if leaf_path is None:
+          raise WeightsError(f"{what}: {key} of {path} has no parameter in the tree.")
+        value = _to_torch(np.asarray(flat[leaf_path]), leaf_path[-1], shape)
+        if value.shape != shape:
+          raise WeightsError(f"{what}: {key}: parameter {'/'.join(leaf_path)} has shape "
+                             f"{value.shape} in the file's layout, the file {shape}.")
+        out[key] = value
+  return out
