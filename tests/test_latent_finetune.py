@@ -9,6 +9,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -151,3 +152,24 @@ def test_config_errors(finetuned, tmp_path):
     finetune.context_table(cin, _config(**{"data.num_classes": 9}))
   with pytest.raises(ValueError, match="conditioning='text' but .* no text_encoder"):
     finetune.context_table(cin, _config(conditioning="text"))
+
+
+def test_text_conditioned_objective_on_a_kl_autoencoder():
+  """The SD path: a KL-VAE posterior draw and text contexts. With ``p_uncond = 1`` every
+  example gets the empty prompt's context, so the loss cannot depend on the labels."""
+  sd = load_pretrained(FIXTURES / "tiny-sd")
+  images, labels = input_pipeline.digits_arrays("held_out")
+  batch = {"image": jnp.asarray(images[:4]), "label": jnp.asarray(labels[:4])}
+  other = dict(batch, label=(batch["label"] + 1) % 10)
+  values = {}
+  for p_uncond in (0.0, 1.0 - 1e-7):
+    config = _config(conditioning="text", p_uncond=p_uncond)
+    frozen = {"first_stage": sd.vae_params,
+              "contexts": jnp.asarray(finetune.context_table(sd, config))}
+    fn = jax.jit(jax.value_and_grad(lambda p, b, c=config, f=frozen: finetune.make_objective(
+        sd, c)(p, f, b, jax.random.key(0))[0]))
+    (loss, grads), (loss_other, _) = fn(sd.unet_params, batch), fn(sd.unet_params, other)
+    assert np.isfinite(float(loss)) and float(optax.tree.norm(grads)) > 0
+    values[p_uncond] = (float(loss), float(loss_other))
+  assert values[0.0][0] != values[0.0][1]
+  assert values[1.0 - 1e-7][0] == values[1.0 - 1e-7][1]
