@@ -78,6 +78,16 @@ def test_peer_pytorch_quick(capsys):
   assert "| digits |" in capsys.readouterr().out
 
 
+def test_conv_kernels_quick(capsys):
+  """Both frameworks run the same convolution (outputs agree), so the timing compares like
+  with like."""
+  pytest.importorskip("torch")
+  (r,) = _script("conv_kernels").main(["--quick"])
+  assert r["max_abs_diff"] < 1e-4
+  assert r["forward_xla_s"] > 0 and r["fwd_bwd_torch_s"] > 0
+  assert "| tiny |" in capsys.readouterr().out
+
+
 def test_stage_one_fid_on_the_tiny_pipeline(tiny_pipeline, capsys):
   rows = _script("stage_one_fid").main([f"--workdir={tiny_pipeline}", "--config=digits:runlocal",
                                         "--w=0,1", "--sampling_steps=2", "--teacher"])
