@@ -250,6 +250,12 @@ def test_converter_errors_leave_nothing_behind(tmp_path, sd_models):
   (tmp_path / "full" / "x").write_text("")
   with pytest.raises(convert.ConversionError, match="--output=.* not empty"):
     convert.convert(ckpt, config, tmp_path / "full", tokenizer=tok)
+  config.write_text(yaml.safe_dump({"model": {"params": {
+      **good["model"]["params"],
+      "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"}}}}))
+  with pytest.raises(convert.ConversionError, match="'FrozenOpenCLIPEmbedder' is not supported"):
+    convert.convert(ckpt, config, tmp_path / "d", tokenizer=tok)
+  config.write_text(yaml.safe_dump(good))
   with pytest.raises(convert.ConversionError, match="--checkpoint=.*no such file"):
     convert.convert(tmp_path / "nope.ckpt", config, tmp_path / "b", tokenizer=tok)
   # A YAML that does not describe the checkpoint (two resnets per level instead of one).

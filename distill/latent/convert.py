@@ -245,10 +245,14 @@ def convert(checkpoint, original_config, output, *, tokenizer=None, extract_ema:
   except (KeyError, TypeError) as e:
     raise ConversionError(f"--original_config: no model.params.{e} ; expected a CompVis "
                           "LatentDiffusion YAML.") from e
+  if cond not in ("FrozenCLIPEmbedder", "ClassEmbedder"):
+    raise ConversionError(f"cond_stage_config.target {cond!r} is not supported "
+                          "(FrozenCLIPEmbedder or ClassEmbedder).")
   if cond == "FrozenCLIPEmbedder" and tokenizer is None:
     raise ConversionError("a text-conditioned checkpoint holds no vocabulary: pass --tokenizer="
                           "DIR with the CLIP tokenizer files (e.g. the tokenizer/ folder of a "
                           "diffusers Stable Diffusion 1.x repository).")
+  scheduler = scheduler_config(original)
   sd = read_state_dict(checkpoint)
   parts = {"unet": convert_unet(sd, original, latent_size=latent_size, extract_ema=extract_ema)}
   name, parts[name] = convert_first_stage(sd, original, latent_size=latent_size)
@@ -259,14 +263,11 @@ def convert(checkpoint, original_config, output, *, tokenizer=None, extract_ema:
     index.update(text_encoder=["transformers", "CLIPTextModel"],
                  tokenizer=["transformers", "CLIPTokenizer"])
     class_name = "StableDiffusionPipeline"
-  elif cond == "ClassEmbedder":
+  else:
     if CLASS_KEY not in sd:
       raise ConversionError(f"cond_stage_config ClassEmbedder: the checkpoint has no {CLASS_KEY}.")
     index["class_embedder"] = ["distill", "ClassEmbedder"]
     class_name = "ClassConditionalLDM"
-  else:
-    raise ConversionError(f"cond_stage_config.target {cond!r} is not supported "
-                          "(FrozenCLIPEmbedder or ClassEmbedder).")
   index["scheduler"] = ["diffusers", "DDIMScheduler"]
 
   output = epath.Path(output)
@@ -287,7 +288,7 @@ def convert(checkpoint, original_config, output, *, tokenizer=None, extract_ema:
       shutil.copytree(str(tokenizer), str(staging / "tokenizer"))
     (staging / "scheduler").mkdir()
     (staging / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config(original), indent=2))
+        json.dumps(scheduler, indent=2))
     (staging / "model_index.json").write_text(
         json.dumps({"_class_name": class_name, **index}, indent=2))
     if output.exists():
