@@ -46,6 +46,20 @@ def timed(fn, *, runs: int, warmup: int = 1) -> dict:
           "runs": runs}
 
 
+def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[float, float]:
+  """Medians of ``a()`` and ``b()`` timed in turn, after ``warmup`` calls of each, so that both
+  see the same machine state (two frameworks side by side in one process)."""
+  for _ in range(warmup):
+    a(), b()
+  ta, tb = [], []
+  for _ in range(runs):
+    for fn, out in ((a, ta), (b, tb)):
+      t0 = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - t0)
+  return statistics.median(ta), statistics.median(tb)
+
+
 def block(tree):
   """``jax.block_until_ready`` that returns nothing (for ``timed``)."""
   jax.block_until_ready(tree)

@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -66,18 +64,6 @@ def _torch(x_nhwc, k_hwio):
   return out, fwd, both
 
 
-def _alternate(a, b, runs):
-  for _ in range(2):
-    a(), b()
-  ta, tb = [], []
-  for _ in range(runs):
-    for fn, out in ((a, ta), (b, tb)):
-      t0 = time.perf_counter()
-      fn()
-      out.append(time.perf_counter() - t0)
-  return statistics.median(ta), statistics.median(tb)
-
-
 def main(argv=None) -> list[dict]:
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = argparse.ArgumentParser()
@@ -97,8 +83,8 @@ def main(argv=None) -> list[dict]:
     (x, k, out_xla), xf, xb = _xla(batch, size, cin, cout)
     out_torch, tf, tb = _torch(x, k)
     diff = float(abs(out_torch - jax.device_get(out_xla)).max())  # the same convolution?
-    fwd = _alternate(xf, tf, runs)
-    both = _alternate(xb, tb, runs)
+    fwd = common.alternate(xf, tf, runs=runs, warmup=2)
+    both = common.alternate(xb, tb, runs=runs, warmup=2)
     results.append({"shape": label, "batch": batch, "size": size, "in": cin, "out": cout,
                     "forward_xla_s": fwd[0], "forward_torch_s": fwd[1],
                     "fwd_bwd_xla_s": both[0], "fwd_bwd_torch_s": both[1],

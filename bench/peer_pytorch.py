@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -115,18 +113,6 @@ def theirs(config, batch: int):
   return sum(p.numel() for p in net.parameters()), forward, train_once
 
 
-def alternate(a, b, runs: int) -> tuple[float, float]:
-  """Medians of ``a()`` and ``b()`` timed in turn (after one warm-up call of each)."""
-  a(), b()
-  ta, tb = [], []
-  for _ in range(runs):
-    for fn, out in ((a, ta), (b, tb)):
-      t0 = time.perf_counter()
-      fn()
-      out.append(time.perf_counter() - t0)
-  return statistics.median(ta), statistics.median(tb)
-
-
 def bench_model(name: str, spec: str, batch: int, runs: int) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
@@ -136,8 +122,8 @@ def bench_model(name: str, spec: str, batch: int, runs: int) -> dict:
   if abs(n_ours - n_theirs) > 0.1 * n_theirs:
     raise SystemExit(f"{name}: parameter counts differ by more than 10 % ({n_ours} vs "
                      f"{n_theirs}): the peer is not the same architecture.")
-  f_o, f_t = alternate(fwd_ours, fwd_theirs, runs)
-  s_o, s_t = alternate(train_ours, train_theirs, runs)
+  f_o, f_t = common.alternate(fwd_ours, fwd_theirs, runs=runs)
+  s_o, s_t = common.alternate(train_ours, train_theirs, runs=runs)
   return {"model": name, "config": spec, "batch": batch, "params_ours": n_ours,
           "params_theirs": n_theirs, "forward_ours_s": f_o, "forward_theirs_s": f_t,
           "train_ours_s": s_o, "train_theirs_s": s_t, "torch": torch.__version__}
