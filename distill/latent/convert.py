@@ -159,7 +159,7 @@ def convert_first_stage(sd: Mapping, original: Mapping, *, latent_size: int):
                 up_block_types=["UpDecoderBlock2D"] * len(blocks), block_out_channels=blocks,
                 layers_per_block=int(dd["num_res_blocks"]), latent_channels=int(dd["z_channels"]),
                 sample_size=image_size, scaling_factor=scale)
-  converted = sfu.convert_ldm_vae_checkpoint(sd, {**common})
+  converted = sfu.convert_ldm_vae_checkpoint(sd, common)
   n_used = len(converted)
   if kind == "AutoencoderKL":
     if int(params.get("embed_dim", dd["z_channels"])) != int(dd["z_channels"]):

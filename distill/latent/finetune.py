@@ -27,14 +27,13 @@ import json
 import logging
 import shutil
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from distill import config_validation, input_pipeline, manifest, sharding, train
+from distill import config_validation, input_pipeline, manifest, pipeline, train
 from distill.latent import pretrained as pretrained_lib
 from distill.latent import teacher as teacher_lib
 from distill.latent import vae as vae_lib
@@ -163,7 +162,7 @@ def run(config, workdir) -> epath.Path:
   """Fine-tunes ``config.pretrained`` into a v-teacher; reruns resume, and return at once when
   ``workdir/teacher_v`` is complete."""
   workdir = epath.Path(workdir)
-  mesh = sharding.make_mesh(None if config.num_devices == -1 else config.num_devices)
+  mesh = pipeline.make_mesh(config)
   check_config(config, num_devices=mesh.size, process_count=jax.process_count())
   record = manifest.Manifest(workdir)
   record.check_config(config)
@@ -177,7 +176,7 @@ def run(config, workdir) -> epath.Path:
             "contexts": jnp.asarray(context_table(models, config))}
   batches = input_pipeline.train_batches(config.data, global_batch_size=section.batch_size,
                                          seed=config.seed)
-  key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(STAGE.encode()) & 0x7FFFFFFF)
+  key = pipeline.stage_key(config, STAGE)
   start = time.time()
   was_complete = record.is_complete(STAGE)
   state = train.train(name=STAGE, stage_cfg=section, objective=make_objective(models, config),

@@ -93,6 +93,12 @@ def _canonical_flax(params) -> dict[tuple[str, str], tuple]:
   return out
 
 
+def _leaf_path(canon, key: str):
+  """The Flax path a file key ``a.b.0.c.weight`` fills (old attention names renamed), or None."""
+  parts = rename_old_keys(key).split(".")
+  return canon.get(("_".join(parts[:-1]), parts[-1]))
+
+
 def _to_flax(key: str, value: np.ndarray, leaf: str, target_shape) -> np.ndarray:
   if leaf == "kernel":
     if len(target_shape) == 4 and value.ndim == 4:
@@ -120,8 +126,7 @@ def load_into(abstract_params: Mapping[str, Any], tensors: Mapping[str, np.ndarr
   for key in sorted(tensors):
     if key in IGNORED:
       continue
-    parts = rename_old_keys(key).split(".")
-    path = canon.get(("_".join(parts[:-1]), parts[-1]))
+    path = _leaf_path(canon, key)
     if path is None:
       raise WeightsError(f"{what}: unexpected tensor {key} {tuple(tensors[key].shape)}: no "
                          "parameter of the model built from config.json takes it.")
@@ -166,8 +171,7 @@ def export_like(params: Mapping[str, Any], files, *, what: str = "model",
         if name in IGNORED:
           out[key] = f.get_tensor(key)
           continue
-        parts = rename_old_keys(name).split(".")
-        leaf_path = canon.get(("_".join(parts[:-1]), parts[-1]))
+        leaf_path = _leaf_path(canon, name)
         if leaf_path is None:
           raise WeightsError(f"{what}: {key} of {path} has no parameter in the tree.")
         value = _to_torch(np.asarray(flat[leaf_path]), leaf_path[-1], shape)
