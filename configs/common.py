@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-example loss weight by w: "uniform" (Eq. 3) or "inverse_square", 1/(1+w)^2 (errors
   # relative to the guided target's scale; losses.w_loss_weight). Stage two has the same field.
   config.stage_one.w_loss_weight = "uniform"
+  # Draw of w: w_min + (w_max - w_min) * u^w_sample_power, u ~ U[0, 1]; 1 = uniform (Eq. 3),
+  # > 1 draws small w more often (guidance.sample_w). Stage two has the same field.
+  config.stage_one.w_sample_power = 1.0
   config.stage_one.sample_w = (0.0, 1.0, 4.0)
   config.stage_one.sample_steps = 64  # DDIM steps of its grids (guidance distilled: 1 eval each)
 
@@ -78,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage_two.long_halving_max_steps = 0
   config.stage_two.long_halving_train_steps = 0
   config.stage_two.w_loss_weight = "uniform"  # as stage_one.w_loss_weight
+  config.stage_two.w_sample_power = 1.0  # as stage_one.w_sample_power
   # Also train on the teacher's finer grid t = i/(2N), so a student with N steps serves the
   # stochastic sampler (Eq. 4-7) with 2N evaluations (README, "Stage two").
   config.stage_two.train_for_stochastic = True

@@ -84,6 +84,9 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
     if section.w_loss_weight not in W_WEIGHTINGS:
       raise ValueError(f"{name}.w_loss_weight={section.w_loss_weight!r} is not one of "
                        f"{list(W_WEIGHTINGS)}.")
+    if not section.w_sample_power > 0:
+      raise ValueError(f"{name}.w_sample_power={section.w_sample_power} must be > 0 (1 = w "
+                       "uniform in [w_min, w_max] as in Eq. 3; 2 draws small w more often).")
   if "stage_two" in stages:
     check_halvings(two)
   if "eval" in stages:

@@ -14,8 +14,18 @@ def guided_x(x_cond, x_uncond, w):
   return (1.0 + w) * x_cond - w * x_uncond
 
 
-def sample_w(rng, batch_size: int, w_min: float, w_max: float):
-  """``w ~ U[w_min, w_max]`` per example (Eq. 3, Algorithm 1)."""
+def sample_w(rng, batch_size: int, w_min: float, w_max: float, *, power: float = 1.0):
+  """Guidance weights of stage one and two, one per example.
+
+  ``power = 1``: ``w ~ U[w_min, w_max]`` (Eq. 3, Algorithm 1). Otherwise
+  ``w = w_min + (w_max − w_min)·u^power`` with ``u ~ U[0, 1]``: ``power > 1`` draws small w more
+  often (``P(w − w_min < f·(w_max − w_min)) = f^(1/power)``).
+  """
   if not w_min <= w_max:
     raise ValueError(f"w_min ({w_min}) must be <= w_max ({w_max}).")
-  return jax.random.uniform(rng, (batch_size,), jnp.float32, minval=w_min, maxval=w_max)
+  if not power > 0:
+    raise ValueError(f"w_sample_power ({power}) must be > 0 (1 = uniform, Eq. 3).")
+  if power == 1.0:
+    return jax.random.uniform(rng, (batch_size,), jnp.float32, minval=w_min, maxval=w_max)
+  u = jax.random.uniform(rng, (batch_size,), jnp.float32)
+  return w_min + (w_max - w_min) * u ** power

@@ -86,14 +86,14 @@ def w_loss_weight(w, kind: str):
 
 
 def stage_one_objective(student, teacher, *, w_min: float, w_max: float,
-                        w_weighting: str = "uniform"):
+                        w_weighting: str = "uniform", w_power: float = 1.0):
   """Stage one (paper §3.1, Eq. 3, Algorithm 1): learn the guided teacher with one network.
 
   Per example ``w ~ U[w_min, w_max]``, ``t ~ U[0, 1]``, ``z_t = α_t x + σ_t ε``; the target is
   the frozen teacher's ``(1+w)·x̂_c − w·x̂_u`` from one batched forward pass (conditional and
   null-label halves concatenated); the loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̂^w_θ(z_t)‖²``.
   ``frozen`` is the teacher's parameters. ``w_weighting`` multiplies each example's loss by
-  ``w_loss_weight(w, w_weighting)``.
+  ``w_loss_weight(w, w_weighting)``; ``w_power`` shapes the draw of w (``guidance.sample_w``).
   """
   w_loss_weight(jnp.zeros(()), w_weighting)  # a bad name fails here, before tracing
 
@@ -102,7 +102,7 @@ def stage_one_objective(student, teacher, *, w_min: float, w_max: float,
     b = x.shape[0]
     k_t, k_eps, k_w, k_dropout = jax.random.split(key, 4)
     t = jax.random.uniform(k_t, (b,))
-    w = guidance.sample_w(k_w, b, w_min, w_max)
+    w = guidance.sample_w(k_w, b, w_min, w_max, power=w_power)
     z, logsnr = _noisy_batch(x, k_eps, t)
     target = jax.lax.stop_gradient(
         denoiser.guided_x_prediction(teacher, frozen, z, t, labels, w))
@@ -159,13 +159,13 @@ def stage_two_times(key, batch_size: int, num_student_steps, *, for_stochastic: 
 
 
 def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: bool = False,
-                        w_weighting: str = "uniform"):
+                        w_weighting: str = "uniform", w_power: float = 1.0):
   """Stage two (Algorithm 2): one student step does what two teacher steps do.
 
   The teacher is the previous student (same network, frozen parameters); ``w`` is shared by
   teacher and student. Loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̃‖²`` with ``x̃ = stage_two_target``.
-  ``frozen = {"params": teacher_params, "num_student_steps": N}``; ``w_weighting`` as in
-  ``stage_one_objective``.
+  ``frozen = {"params": teacher_params, "num_student_steps": N}``; ``w_weighting`` and
+  ``w_power`` as in ``stage_one_objective``.
   """
   w_loss_weight(jnp.zeros(()), w_weighting)
 
@@ -175,7 +175,7 @@ def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: 
     n = frozen["num_student_steps"]
     k_t, k_eps, k_w, k_dropout = jax.random.split(key, 4)
     t = stage_two_times(k_t, b, n, for_stochastic=for_stochastic)
-    w = guidance.sample_w(k_w, b, w_min, w_max)
+    w = guidance.sample_w(k_w, b, w_min, w_max, power=w_power)
     z, logsnr = _noisy_batch(x, k_eps, t)
     teacher_fn = denoiser.denoise_fn(student, frozen["params"], labels, w)
     target = jax.lax.stop_gradient(stage_two_target(teacher_fn, z, t, n))

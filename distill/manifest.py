@@ -20,6 +20,9 @@ from distill import files
 IGNORED_TOP = ("stages", "num_devices", "eval")
 IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_keep",
                       "max_consecutive_nonfinite", "sample_w", "sample_steps", "data_dir")
+# Fields added after workdirs were started: absent from a recorded config, they had this value
+# (the behaviour before the field existed), so a workdir started earlier still resumes.
+ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0}
 
 
 def relevant_config(config) -> dict:
@@ -66,8 +69,11 @@ class Manifest:
       return
     if self.data["config_hash"] != digest:
       old, new = _flatten(self.data["config"]), _flatten(relevant_config(config))
+      old = {**{k: v for k, v in ADDED_LATER.items() if k in new}, **old}
       changed = [f"{k}: {old.get(k, 'absent')!r} -> {new.get(k, 'absent')!r}"
                  for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+      if not changed:
+        return
       raise ValueError(
           f"the config differs from the one this workdir was started with ({self.path}): "
           f"{'; '.join(changed[:5])}{' …' if len(changed) > 5 else ''}; rerun with the "

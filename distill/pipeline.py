@@ -118,7 +118,13 @@ def _abstract_params(model, config, mesh):
 
 
 def read_final_params(config, workdir, link: Link, mesh):
-  """The EMA parameters of a link that finished in an earlier run, or a clear error."""
+  """The EMA parameters of a link that finished in an earlier run, or a clear error.
+
+  The teacher is ``config.teacher.checkpoint`` when that is set (an imported teacher is never
+  written to the workdir), so sampling and evaluation see the teacher the students learned from.
+  """
+  if link.name == "teacher" and config.teacher.checkpoint:
+    return read_teacher_checkpoint(config, mesh)
   model = teacher_model(config) if link.name == "teacher" else student_model(config)
   directory = link.directory(workdir)
   want = int(section_of(config, link).num_train_steps)
@@ -162,14 +168,16 @@ def train_link(config, workdir, link: Link, mesh, teacher_params) -> train.Train
     w_range = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
     if link.name == "stage_one":
       objective = losses.stage_one_objective(model, teacher_model(config), **w_range,
-                                             w_weighting=section.w_loss_weight)
+                                             w_weighting=section.w_loss_weight,
+                                             w_power=section.w_sample_power)
       init = lambda: models.student_params_from_teacher(
           teacher_params, models.init_params(model, jax.random.fold_in(key, 0), shape))
       frozen = teacher_params
       sample_steps = section.sample_steps
     else:
       objective = losses.stage_two_objective(model, for_stochastic=section.train_for_stochastic,
-                                             w_weighting=section.w_loss_weight, **w_range)
+                                             w_weighting=section.w_loss_weight,
+                                             w_power=section.w_sample_power, **w_range)
       init = lambda: teacher_params  # the new student starts as its teacher
       frozen = {"params": teacher_params,
                 "num_student_steps": jnp.asarray(link.num_steps, jnp.int32)}

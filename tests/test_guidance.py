@@ -31,3 +31,15 @@ def test_sample_w_is_uniform_on_the_interval():
   np.testing.assert_allclose(w.var(), 16 / 12, atol=0.03)
   with pytest.raises(ValueError, match="w_min"):
     guidance.sample_w(jax.random.key(0), 4, 2.0, 1.0)
+
+
+def test_sample_w_power_draws_small_w_more_often():
+  # w = 4·u^2 with u ~ U[0, 1]: P(w < 4f) = P(u < sqrt(f)) = sqrt(f).
+  w = np.asarray(guidance.sample_w(jax.random.key(1), 200000, 0.0, 4.0, power=2.0))
+  assert w.min() >= 0.0 and w.max() <= 4.0
+  for f in (0.01, 0.1, 0.25, 0.5, 0.9):
+    np.testing.assert_allclose(np.mean(w < 4.0 * f), np.sqrt(f), atol=0.005)
+  shifted = np.asarray(guidance.sample_w(jax.random.key(1), 200000, 1.0, 3.0, power=0.5))
+  np.testing.assert_allclose(np.mean(shifted < 1.5), 0.25 ** 2, atol=0.005)
+  with pytest.raises(ValueError, match="w_sample_power"):
+    guidance.sample_w(jax.random.key(0), 4, 0.0, 4.0, power=0.0)

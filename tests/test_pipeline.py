@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from distill import losses, models, pipeline, schedules
+from distill import losses, models, pipeline, sample, schedules
 from distill.config_utils import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -185,6 +185,13 @@ def test_imported_teacher_reproduces_stage_one(tmp_path, reference):
   imported = pipeline.read_final_params(config, tmp_path, link, mesh)
   original = pipeline.read_final_params(config, reference, link, mesh)
   assert _equal(jax.device_get(imported), jax.device_get(original))
+  # Sampling and evaluation of this workdir read the imported teacher.
+  teacher = sample.load_model(tmp_path, "teacher", config=config)
+  reference_config = tiny_config()
+  reference_config.stages = "stage_one"
+  trained = pipeline.read_final_params(reference_config, reference, pipeline.chain(config)[0],
+                                       mesh)
+  assert _equal(jax.device_get(teacher.params), jax.device_get(trained))
 
 
 def test_mismatched_teacher_is_refused_before_training(tmp_path, reference):
@@ -224,7 +231,8 @@ def test_stage_two_validation(tmp_path, field, value, message):
 def test_stage_one_objective_at_initialisation_is_the_closed_form():
   """At initialisation the student is the teacher's conditional model, so for a fixed w the
   loss is ω(λ)·w²·‖x̂_c − x̂_u‖² (since (1+w)x̂_c − w x̂_u − x̂_c = w (x̂_c − x̂_u)), divided
-  by (1+w)² with the inverse-square weighting."""
+  by (1+w)² with the inverse-square weighting. With a range of w, each example's w is
+  ``w_min + (w_max − w_min)·u^power`` from the objective's own key."""
   config = tiny_config()
   teacher = models.build_unet(config)
   student = models.build_unet(config, use_w_embedding=True, dropout=0.0)  # as stage one trains
@@ -237,13 +245,16 @@ def test_stage_one_objective_at_initialisation_is_the_closed_form():
   batch = {"image": jax.random.uniform(jax.random.key(3), shape, minval=-1, maxval=1),
            "label": jnp.array([1, 3, 5, 7])}
   key = jax.random.key(4)
-  for w, weighting in ((0.0, "uniform"), (0.7, "uniform"), (3.0, "uniform"),
-                       (3.0, "inverse_square")):
-    objective = losses.stage_one_objective(student, teacher, w_min=w, w_max=w,
-                                           w_weighting=weighting)
+  for w_min, w_max, weighting, power in (
+      (0.0, 0.0, "uniform", 1.0), (0.7, 0.7, "uniform", 1.0), (3.0, 3.0, "uniform", 1.0),
+      (3.0, 3.0, "inverse_square", 1.0), (0.0, 4.0, "uniform", 1.0),
+      (0.0, 4.0, "inverse_square", 2.0)):
+    objective = losses.stage_one_objective(student, teacher, w_min=w_min, w_max=w_max,
+                                           w_weighting=weighting, w_power=power)
     loss, _ = objective(s_params, t_params, batch, key)
-    # The same draws of t and ε, then the closed form from two plain teacher evaluations.
-    k_t, k_eps, _, _ = jax.random.split(key, 4)
+    # The same draws of t, ε and w, then the closed form from two plain teacher evaluations.
+    k_t, k_eps, k_w, _ = jax.random.split(key, 4)
+    w = w_min + (w_max - w_min) * np.asarray(jax.random.uniform(k_w, (4,))) ** power
     t = jax.random.uniform(k_t, (4,))
     lam = np.asarray(schedules.cosine_logsnr(t))
     eps = jax.random.normal(k_eps, shape)
@@ -253,7 +264,8 @@ def test_stage_one_objective_at_initialisation_is_the_closed_form():
       v = teacher.apply({"params": t_params}, jnp.asarray(z, jnp.float32), lam, labels)
       return alpha * z - sigma * np.asarray(v)
     diff = x_of(batch["label"]) - x_of(jnp.full((4,), 10))
-    expected = np.mean(np.maximum(np.exp(lam), 1.0) * w**2 * np.mean(diff**2, axis=(1, 2, 3)))
+    per_example = np.maximum(np.exp(lam), 1.0) * w**2 * np.mean(diff**2, axis=(1, 2, 3))
     if weighting == "inverse_square":  # relative to the guided target's scale (1 + w)
-      expected /= (1 + w) ** 2
+      per_example /= (1 + w) ** 2
+    expected = np.mean(per_example)
     np.testing.assert_allclose(float(loss), expected, rtol=2e-3, atol=1e-6)

@@ -170,6 +170,7 @@ def test_non_finite_loss_skips_update_and_stops_run(tmp_path):
     ({"workdir": ""}, "--workdir is missing"),
     ({"stages": "teacher,stage_nine"}, "stages='teacher,stage_nine' names unknown"),
     ({"stage_one.w_loss_weight": "cubic"}, "stage_one.w_loss_weight='cubic' is not one of"),
+    ({"stage_two.w_sample_power": 0.0}, "stage_two.w_sample_power=0.0 must be > 0"),
 ])
 def test_config_validation_messages(change, message):
   config = load_config("digits:runlocal")
