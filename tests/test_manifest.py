@@ -9,6 +9,8 @@ from distill.config_utils import load_config
 def _workdir_started_before_w_sample_power(tmp_path):
   """A manifest as written before the ``w_sample_power`` fields existed."""
   config = load_config("digits:runlocal")
+  for section in ("stage_one", "stage_two"):
+    config[section].w_sample_power = 1.0  # uniform draws: what every run did then
   recorded = manifest.relevant_config(config)
   for section in ("stage_one", "stage_two"):
     del recorded[section]["w_sample_power"]
@@ -20,7 +22,7 @@ def _workdir_started_before_w_sample_power(tmp_path):
 def test_workdir_from_before_a_field_existed_resumes_with_its_old_value(tmp_path):
   config = _workdir_started_before_w_sample_power(tmp_path)
   record = manifest.Manifest(tmp_path)
-  record.check_config(config)  # 1.0 is what every earlier run did
+  record.check_config(config)
   assert record.is_complete("teacher")
 
 
