@@ -25,7 +25,7 @@ def sample_w(rng, batch_size: int, w_min: float, w_max: float, *, power: float =
     raise ValueError(f"w_min ({w_min}) must be <= w_max ({w_max}).")
   if not power > 0:
     raise ValueError(f"w_sample_power ({power}) must be > 0 (1 = uniform, Eq. 3).")
-  if power == 1.0:
+  if power == 1.0:  # exactly the draws of runs made before the power existed
     return jax.random.uniform(rng, (batch_size,), jnp.float32, minval=w_min, maxval=w_max)
   u = jax.random.uniform(rng, (batch_size,), jnp.float32)
   return w_min + (w_max - w_min) * u ** power

@@ -209,13 +209,11 @@ def run(config, workdir) -> None:
 
   params = None  # a function giving the previous link's EMA parameters
   for link in links[:last + 1]:
-    if link.name == "teacher" and config.teacher.checkpoint:
-      params = lambda: read_teacher_checkpoint(config, mesh)
-      if "teacher" in stages:
-        logging.info("teacher: not trained, --config.teacher.checkpoint=%s is used instead",
-                     config.teacher.checkpoint)
-      continue
-    if link.stage not in stages:
+    imported = link.name == "teacher" and bool(config.teacher.checkpoint)
+    if imported and "teacher" in stages:
+      logging.info("teacher: not trained, --config.teacher.checkpoint=%s is used instead",
+                   config.teacher.checkpoint)
+    if imported or link.stage not in stages:
       params = lambda link=link: read_final_params(config, workdir, link, mesh)
       continue
     teacher_params = params() if params is not None else None
