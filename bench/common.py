@@ -31,19 +31,25 @@ def machine_line() -> str:
 
 def timed(fn, *, runs: int, warmup: int = 1) -> dict:
   """Median wall time of ``fn()`` (which must block until its result is ready) over ``runs``
-  calls after ``warmup`` calls; the first call's time (compile included) separately."""
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  for _ in range(max(0, warmup - 1)):
+  calls after ``warmup`` calls; the first call's time (compile included) separately.
+
+  ``warmup=0`` is for a function compiled ahead of time: no call is spent on warming up, and
+  the first call's time is that of the first timed run.
+  """
+  if runs < 1 or warmup < 0:
+    raise ValueError(f"timed: runs={runs} must be >= 1 and warmup={warmup} >= 0.")
+  first = None
+  for _ in range(warmup):
+    t0 = time.perf_counter()
     fn()
+    first = time.perf_counter() - t0 if first is None else first
   times = []
   for _ in range(runs):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(times), "min_s": min(times), "first_call_s": first,
-          "runs": runs}
+  return {"median_s": statistics.median(times), "min_s": min(times),
+          "first_call_s": times[0] if first is None else first, "runs": runs}
 
 
 def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[float, float]:

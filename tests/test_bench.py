@@ -21,14 +21,17 @@ def _script(name):
   return module
 
 
-def test_sampling_quick(capsys):
-  results = _script("sampling").main(["--quick", "--models=digits"])
+@pytest.mark.parametrize("warmup", ["call", "compile"])
+def test_sampling_quick(capsys, warmup):
+  results = _script("sampling").main(["--quick", "--models=digits", f"--warmup={warmup}"])
   (res,) = results
   assert {(r["sampler"], r["steps"]) for r in res["samplers"]} == {
       (s, n) for s in ("deterministic", "stochastic") for n in (1, 4)}
   for r in res["samplers"]:
     assert r["median_s"] > 0 and math.isclose(
-        r["ratio"], r["median_s"] / (r["steps"] * res["forward"]["median_s"]))
+        r["ratio"], r["median_s"] / (r["steps"] * r["forward_s"]))
+    assert ("compile_s" in r) == (warmup == "compile")
+    assert r["runs"] == 2  # quick: --runs=2
   assert res["speedup"]["evaluation_ratio"] == 2 * 4 / 4  # quick: teacher 2×4 vs student 4
   assert "| digits |" in capsys.readouterr().out
 
