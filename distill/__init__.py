@@ -3,4 +3,9 @@
 Meng et al., "On Distillation of Guided Diffusion Models" (CVPR 2023). See README.md.
 """
 
+from distill import xla_cpu as _xla_cpu
+
+# Before JAX starts a backend: XLA:CPU options that make our U-Nets about 2x faster on CPU.
+_xla_cpu.apply()
+
 __version__ = "0.1.0"

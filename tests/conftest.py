@@ -15,6 +15,8 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 _OPT = "--xla_backend_optimization_level"
 if _OPT not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += f" {_OPT}=0"
+import distill  # noqa: E402,F401  (puts its XLA:CPU options into XLA_FLAGS before JAX starts)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="distill-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -119,3 +119,13 @@ def test_latent_memory_quick(capsys):
   (row,) = result["rows"]
   assert row["temp_bytes"] > 0 and row["total_bytes"] == result["state_bytes"] + row["temp_bytes"]
   assert "| **total** |" in capsys.readouterr().out
+
+
+def test_xla_cpu_flags_quick(capsys):
+  (res,) = _script("xla_cpu_flags").main(["--quick", "--models=digits"])
+  # The package's option reaches XLA (no YNNPACK fusion left) and XLA's default path uses them.
+  assert res["ynn_fusions"] == {"package options": 0, "XLA defaults": res["ynn_fusions"]["XLA defaults"]}
+  assert res["ynn_fusions"]["XLA defaults"] > 0
+  # It changes how XLA compiles, not what it computes.
+  assert res["forward_max_abs_diff"] < 1e-5 and res["grad_rel_diff"] < 1e-4
+  assert "| digits | 8 | forward |" in capsys.readouterr().out
