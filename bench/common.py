@@ -10,6 +10,8 @@ import time
 
 import jax
 
+import distill  # noqa: F401  (its XLA:CPU options, set before JAX starts a backend)
+
 
 def cpu_model() -> str:
   try:
@@ -24,8 +26,10 @@ def cpu_model() -> str:
 
 def machine_line() -> str:
   """``nproc``, CPU model, devices, jax version and the date: one line for BENCHMARKS.md."""
+  ynn = "off" if "--xla_cpu_experimental_ynn_fusion_type=" in os.environ.get(
+      "XLA_FLAGS", "").split() else "XLA default"
   return (f"{os.cpu_count()} cores, {cpu_model()}, {jax.device_count()} "
-          f"{jax.default_backend()} device(s), jax {jax.__version__}, "
+          f"{jax.default_backend()} device(s), jax {jax.__version__}, YNNPACK fusions {ynn}, "
           f"{datetime.date.today().isoformat()}")
 
 
