@@ -12,9 +12,10 @@ student at the same B: target ≥ 100× (the evaluation ratio is 128). Medians o
 (half as many, at least 2, for N ≥ 64 and the teacher) after a warm-up call; the first call's
 time (compile included) is reported separately. Each timed sampler run is followed by
 min(N, 16) timed forward passes, and each teacher run by three student runs, so that a ratio
-compares two functions timed in the same minutes of a machine whose speed drifts. ``--warmup=compile`` warms up by compiling
-ahead of time instead of calling, and reports the compile time: at the CIFAR-10 size one call
-at N = 256 takes minutes, and the warm-up call would cost as much as a timed run.
+compares two functions timed in the same minutes of a machine whose speed drifts.
+``--warmup=compile`` warms up by compiling ahead of time instead of calling, and reports the
+compile time: at the CIFAR-10 size one call at N = 256 takes minutes, and the warm-up call
+would cost as much as a timed run.
 ``--quick`` shrinks everything (the test suite runs it so the script cannot rot).
 """
 
