@@ -13,6 +13,9 @@ The network maps ``(z_t, λ_t, label[, w])`` to a v-prediction (DESIGN.md §1):
 * residual blocks with GroupNorm and scale–shift conditioning, self-attention at the configured
   resolutions, zero-initialised output convolutions.
 
+Conv, Dense and GroupNorm are ``distill.models.layers``': flax's layers, with the same parameters,
+whose gradients sum over positions as matrix products on CPU.
+
 Parameters are float32; ``dtype`` sets the activation dtype (bfloat16 on TPU). ``remat`` recomputes
 each residual and attention block in the backward pass (gradient checkpointing): only block
 inputs are kept, not the attention probabilities or GroupNorm intermediates.
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from distill import schedules
+from distill.models import layers
 
 W_EMBED_NAME = "w_embed"
 
@@ -57,9 +61,9 @@ class WEmbedding(nn.Module):
   @nn.compact
   def __call__(self, w):
     h = sinusoidal_embedding(w * self.fourier_scale, self.fourier_dim)
-    h = nn.Dense(self.features, dtype=self.dtype, name="dense_0")(h)
+    h = layers.Dense(self.features, dtype=self.dtype, name="dense_0")(h)
     h = nn.swish(h)
-    return nn.Dense(self.features, dtype=self.dtype, kernel_init=_zeros, name="dense_1")(h)
+    return layers.Dense(self.features, dtype=self.dtype, kernel_init=_zeros, name="dense_1")(h)
 
 
 class ResBlock(nn.Module):
@@ -72,16 +76,16 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb):
-    h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_0")(x))
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv_0")(h)
-    scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype, name="emb_proj")(nn.swish(emb))
-    scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_1")(h)
-    h = nn.swish(h * (1.0 + scale) + shift)
+    h = nn.swish(layers.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_0")(x))
+    h = layers.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv_0")(h)
+    scale_shift = layers.Dense(2 * self.out_ch, dtype=self.dtype, name="emb_proj")(nn.swish(emb))
+    scale, shift = jnp.split(scale_shift, 2, axis=-1)
+    h = layers.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_1")(h)
+    h = nn.swish(layers.scale_shift(h, scale, shift))
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
+    h = layers.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="skip")(x)
+      x = layers.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="skip")(x)
     return x + h
 
 
@@ -98,11 +102,12 @@ class AttnBlock(nn.Module):
       raise ValueError(f"model.head_dim={self.head_dim} must divide the channel count {c} of "
                        "every attention block; choose a head_dim that divides ch * ch_mult.")
     heads = c // self.head_dim
-    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h.reshape(b, hgt * wid, c))
+    h = layers.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+    qkv = layers.Dense(3 * c, dtype=self.dtype, name="qkv")(h.reshape(b, hgt * wid, c))
     q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * heads, self.head_dim), 3, axis=2)
     h = jax.nn.dot_product_attention(q, k, v)
-    h = nn.Dense(c, dtype=self.dtype, kernel_init=_zeros, name="out")(h.reshape(b, hgt * wid, c))
+    h = layers.Dense(c, dtype=self.dtype, kernel_init=_zeros, name="out")(
+        h.reshape(b, hgt * wid, c))
     return x + h.reshape(b, hgt, wid, c)
 
 
@@ -147,8 +152,8 @@ class UNet(nn.Module):
     logsnr = jnp.broadcast_to(jnp.asarray(logsnr, jnp.float32), (b,))
     t_in = schedules.logsnr_to_time_input(logsnr) * 1000.0
     emb = sinusoidal_embedding(t_in, self.ch)
-    emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_dense_0")(emb)
-    emb = nn.Dense(emb_dim, dtype=self.dtype, name="time_dense_1")(nn.swish(emb))
+    emb = layers.Dense(emb_dim, dtype=self.dtype, name="time_dense_0")(emb)
+    emb = layers.Dense(emb_dim, dtype=self.dtype, name="time_dense_1")(nn.swish(emb))
     emb = emb + nn.Embed(self.num_classes + 1, emb_dim, name="class_embed")(
         jnp.asarray(labels, jnp.int32)).astype(emb.dtype)
     if self.use_w_embedding:
@@ -166,7 +171,7 @@ class UNet(nn.Module):
     def attn(name):
       return attn_block(self.head_dim, self.num_groups, dtype=self.dtype, name=name)
 
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+    h = layers.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
@@ -175,7 +180,7 @@ class UNet(nn.Module):
           h = attn(f"down_{level}_attn_{i}")(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
+        h = layers.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
                     name=f"down_{level}_downsample")(h)
         skips.append(h)
 
@@ -192,9 +197,9 @@ class UNet(nn.Module):
       if level != 0:
         bh, hh, wh, ch = h.shape
         h = jax.image.resize(h, (bh, 2 * hh, 2 * wh, ch), method="nearest")
-        h = nn.Conv(ch, (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(h)
+        h = layers.Conv(ch, (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(h)
     assert not skips
 
-    h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="conv_out")(h)
+    h = nn.swish(layers.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
+    h = layers.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="conv_out")(h)
     return h.astype(jnp.float32)
