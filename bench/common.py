@@ -56,18 +56,27 @@ def timed(fn, *, runs: int, warmup: int = 1) -> dict:
           "first_call_s": times[0] if first is None else first, "runs": runs}
 
 
-def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[float, float]:
-  """Medians of ``a()`` and ``b()`` timed in turn, after ``warmup`` calls of each, so that both
-  see the same machine state (two frameworks side by side in one process)."""
+def round_robin(fns: dict, *, runs: int, warmup: int = 1) -> dict:
+  """Medians of each ``fns[name]()``, timed in turn (one call of each per round) after
+  ``warmup`` rounds, so that all of them see the same machine state: on a shared machine the
+  speed drifts by 10–20 % over minutes, and timing one function after another would compare
+  machine states rather than functions."""
   for _ in range(warmup):
-    a(), b()
-  ta, tb = [], []
+    for fn in fns.values():
+      fn()
+  times = {name: [] for name in fns}
   for _ in range(runs):
-    for fn, out in ((a, ta), (b, tb)):
+    for name, fn in fns.items():
       t0 = time.perf_counter()
       fn()
-      out.append(time.perf_counter() - t0)
-  return statistics.median(ta), statistics.median(tb)
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[float, float]:
+  """``round_robin`` of two functions (e.g. two frameworks side by side in one process)."""
+  r = round_robin({"a": a, "b": b}, runs=runs, warmup=warmup)
+  return r["a"], r["b"]
 
 
 def block(tree):

@@ -11,7 +11,8 @@
 3. Where the time goes, for the teacher step: the same step without the optimiser/EMA (loss
    and gradient only), the forward pass alone, and the U-Net without attention blocks.
 
-Medians over ``--steps`` after two warm-up steps, one device.
+Medians over ``--steps`` after two warm-up steps, one device. All rows are timed round-robin
+(one call of each per round), so that their ratios compare the same minutes of the machine.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def matmul_peak(n: int, runs: int) -> dict:
   return {"n": n, "median_s": r["median_s"], "gflops": 2 * n**3 / r["median_s"] / 1e9}
 
 
-def time_step(name, objective, params, frozen, section, config, mesh, steps) -> dict:
-  """The project's train step (optimiser, EMA, non-finite guard) of one stage."""
+def make_step(name, objective, params, frozen, section, config, mesh) -> dict:
+  """The project's train step (optimiser, EMA, non-finite guard) of one stage, compiled: a row
+  with ``run`` (one step, blocking) for ``timed_rows``."""
   tx, schedule = train.make_optimizer(section)
   step = train.make_train_step(objective, tx, schedule, ema_decay=section.ema_decay, mesh=mesh)
   state = jax.device_put(train.init_state(params, tx), sharding.replicated(mesh), may_alias=False)
@@ -60,22 +62,27 @@ def time_step(name, objective, params, frozen, section, config, mesh, steps) -> 
   compiled = step.lower(state, frozen, batch, key).compile()
   holder = {"state": state}
 
-  def one():
+  def run():
     holder["state"], m = compiled(holder["state"], frozen, batch, key)
     common.block(m["loss"])
 
-  r = common.timed(one, runs=steps, warmup=2)
-  return {"what": name, "batch": section.batch_size, "median_s": r["median_s"],
-          "flops": flops_of(compiled)}
+  return {"what": name, "batch": section.batch_size, "flops": flops_of(compiled), "run": run}
 
 
-def time_fn(name, fn, args, steps, batch) -> dict:
+def make_fn(name, fn, args, batch) -> dict:
   compiled = jax.jit(fn).lower(*args).compile()
-  r = common.timed(lambda: common.block(compiled(*args)), runs=steps, warmup=2)
-  return {"what": name, "batch": batch, "median_s": r["median_s"], "flops": flops_of(compiled)}
+  return {"what": name, "batch": batch, "flops": flops_of(compiled),
+          "run": lambda: common.block(compiled(*args))}
 
 
-def breakdown(config, mesh, steps) -> list[dict]:
+def timed_rows(rows: list[dict], steps: int) -> list[dict]:
+  """Times every row's ``run`` round-robin (``common.round_robin``): medians of ``steps``."""
+  medians = common.round_robin({r["what"]: r["run"] for r in rows}, runs=steps, warmup=2)
+  return [{k: v for k, v in r.items() if k != "run"} | {"median_s": medians[r["what"]]}
+          for r in rows]
+
+
+def breakdown(config, mesh) -> list[dict]:
   """Teacher step pieces: loss+grad only, forward only, and without attention."""
   shape = models.model_input_shape(config)
   teacher = pipeline.teacher_model(config)
@@ -89,19 +96,19 @@ def breakdown(config, mesh, steps) -> list[dict]:
   logsnr = jnp.zeros((b,))
   labels = jnp.zeros((b,), jnp.int32)
   rows = [
-      time_fn("teacher loss + gradient (no optimiser, EMA, guard)",
+      make_fn("teacher loss + gradient (no optimiser, EMA, guard)",
               lambda p, batch, k: jax.value_and_grad(objective, has_aux=True)(p, None, batch, k),
-              (params, batch, key), steps, b),
-      time_fn("U-Net forward only", lambda p, z: teacher.apply({"params": p}, z, logsnr, labels),
-              (params, z), steps, b),
+              (params, batch, key), b),
+      make_fn("U-Net forward only", lambda p, z: teacher.apply({"params": p}, z, logsnr, labels),
+              (params, z), b),
   ]
   no_attn = config.copy_and_resolve_references()
   no_attn.model.attn_resolutions = ()
   plain = pipeline.teacher_model(no_attn)
   p_plain = models.init_params(plain, jax.random.key(0), shape)
   obj_plain = losses.teacher_objective(plain, p_uncond=0.1)
-  rows.append(time_step("teacher step without attention blocks", obj_plain, p_plain, None,
-                        no_attn.teacher, no_attn, mesh, steps))
+  rows.append(make_step("teacher step without attention blocks", obj_plain, p_plain, None,
+                        no_attn.teacher, no_attn, mesh))
   return rows
 
 
@@ -131,15 +138,16 @@ def main(argv=None) -> dict:
   w = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
   two = pipeline.halving_section(config, 4)
   stages = [
-      time_step("teacher", losses.teacher_objective(teacher, p_uncond=0.1), t_params, None,
-                config.teacher, config, mesh, args.steps),
-      time_step("stage_one", losses.stage_one_objective(student, teacher, **w), s_params,
-                t_params, config.stage_one, config, mesh, args.steps),
-      time_step("stage_two", losses.stage_two_objective(student, **w), s_params,
-                {"params": s_params, "num_student_steps": jnp.int32(4)}, two, config, mesh,
-                args.steps),
+      make_step("teacher", losses.teacher_objective(teacher, p_uncond=0.1), t_params, None,
+                config.teacher, config, mesh),
+      make_step("stage_one", losses.stage_one_objective(student, teacher, **w), s_params,
+                t_params, config.stage_one, config, mesh),
+      make_step("stage_two", losses.stage_two_objective(student, **w), s_params,
+                {"params": s_params, "num_student_steps": jnp.int32(4)}, two, config, mesh),
   ]
-  pieces = breakdown(config, mesh, args.steps)
+  pieces = breakdown(config, mesh)
+  timed = timed_rows(stages + pieces, args.steps)
+  stages, pieces = timed[:len(stages)], timed[len(stages):]
   peak = matmul_peak(args.matmul_n, runs=max(3, args.steps // 3))
 
   base_t, base_f = stages[0]["median_s"], stages[0]["flops"]

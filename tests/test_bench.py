@@ -129,3 +129,16 @@ def test_xla_cpu_flags_quick(capsys):
   # It changes how XLA compiles, not what it computes.
   assert res["forward_max_abs_diff"] < 1e-5 and res["grad_rel_diff"] < 1e-4
   assert "| digits | 8 | forward |" in capsys.readouterr().out
+
+
+def test_step_profile_quick(capsys):
+  res = _script("step_profile").main(["--quick", "--model=digits"])
+  assert set(res["gradient_s"]) == {"ours", "flax"} and min(res["gradient_s"].values()) > 0
+  ours, flax = res["profile"]["ours"], res["profile"]["flax"]
+  assert ours["total_ms"] > 0 and flax["total_ms"] > 0
+  # Our layers' position sums are matrix products; flax's gradients issue reductions of the
+  # biases instead. The profile attributes thunks to the layers that issued them.
+  assert any("backward" in k and "conv_in" in k for k in flax["sources"])
+  assert ours["counts"].get("dot", 0) > flax["counts"].get("dot", 0)
+  out = capsys.readouterr().out
+  assert "| distill.models.layers |" in out and "Thunk time by op kind" in out
