@@ -10,7 +10,7 @@ import time
 
 import jax
 
-import distill  # noqa: F401  (its XLA:CPU options, set before JAX starts a backend)
+from distill import xla_cpu  # importing distill sets its XLA:CPU options before JAX starts a backend
 
 
 def cpu_model() -> str:
@@ -26,7 +26,7 @@ def cpu_model() -> str:
 
 def machine_line() -> str:
   """``nproc``, CPU model, devices, jax version and the date: one line for BENCHMARKS.md."""
-  ynn = "off" if "--xla_cpu_experimental_ynn_fusion_type=" in os.environ.get(
+  ynn = "off" if f"{xla_cpu.YNN_FUSION_FLAG}=" in os.environ.get(
       "XLA_FLAGS", "").split() else "XLA default"
   return (f"{os.cpu_count()} cores, {cpu_model()}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), jax {jax.__version__}, YNNPACK fusions {ynn}, "
@@ -56,26 +56,34 @@ def timed(fn, *, runs: int, warmup: int = 1) -> dict:
           "first_call_s": times[0] if first is None else first, "runs": runs}
 
 
-def round_robin(fns: dict, *, runs: int, warmup: int = 1) -> dict:
+def round_robin(fns: dict, *, runs: int, warmup: int = 1, settle: int = 0) -> dict:
   """Medians of each ``fns[name]()``, timed in turn (one call of each per round) after
   ``warmup`` rounds, so that all of them see the same machine state: on a shared machine the
   speed drifts by 10–20 % over minutes, and timing one function after another would compare
-  machine states rather than functions."""
+  machine states rather than functions.
+
+  ``settle`` untimed calls precede each timed call. Use it when the functions belong to
+  different frameworks: after a PyTorch call, its OpenMP worker threads spin-wait for a while
+  and take a core from whatever runs next (seen here: a JAX train step timed right after a
+  PyTorch one took 1.4× its time alone; with one settling call, its time alone).
+  """
   for _ in range(warmup):
     for fn in fns.values():
       fn()
   times = {name: [] for name in fns}
   for _ in range(runs):
     for name, fn in fns.items():
+      for _ in range(settle):
+        fn()
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[float, float]:
+def alternate(a, b, *, runs: int, warmup: int = 1, settle: int = 0) -> tuple[float, float]:
   """``round_robin`` of two functions (e.g. two frameworks side by side in one process)."""
-  r = round_robin({"a": a, "b": b}, runs=runs, warmup=warmup)
+  r = round_robin({"a": a, "b": b}, runs=runs, warmup=warmup, settle=settle)
   return r["a"], r["b"]
 
 

@@ -10,7 +10,9 @@ attention are 3 % of the digits step). This times one such convolution at the sh
 digits U-Net (8×8 and 4×4 maps; 96 input channels where the up path concatenates a skip) and of
 the CIFAR-10 U-Net (32×32×128, batch 8), in NHWC for XLA and NCHW for PyTorch (each framework's
 native layout), forward alone and forward + backward (gradients of the input and the kernel).
-Runs of the two alternate in one process; medians after two warm-up calls. Ratio = XLA / torch.
+Runs of the two alternate in one process, each timed run preceded by one untimed run of the
+same framework (``common.round_robin``'s ``settle``); medians after two warm-up calls.
+Ratio = XLA / torch.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def main(argv=None) -> list[dict]:
     (x, k, out_xla), xf, xb = _xla(batch, size, cin, cout)
     out_torch, tf, tb = _torch(x, k)
     diff = float(abs(out_torch - jax.device_get(out_xla)).max())  # the same convolution?
-    fwd = common.alternate(xf, tf, runs=runs, warmup=2)
-    both = common.alternate(xb, tb, runs=runs, warmup=2)
+    fwd = common.alternate(xf, tf, runs=runs, warmup=2, settle=1)
+    both = common.alternate(xb, tb, runs=runs, warmup=2, settle=1)
     results.append({"shape": label, "batch": batch, "size": size, "in": cin, "out": cout,
                     "forward_xla_s": fwd[0], "forward_torch_s": fwd[1],
                     "fwd_bwd_xla_s": both[0], "fwd_bwd_torch_s": both[1],

@@ -9,8 +9,10 @@ embedding (num_classes + 1 for the null label), scale–shift time conditioning 
 the same batch and resolution; both parameter counts are printed (they must agree within 10 %).
 Timed in both frameworks: a forward pass (inference mode) and a training step — forward,
 mean-squared-error loss, backward and an Adam update — with runs of ours and theirs alternating
-in this one process so that both see the same machine state. Reported: medians and
-ours / theirs (below 1 = ours faster).
+in this one process so that both see the same machine state, each timed run preceded by one
+untimed run of the same framework (``common.round_robin``'s ``settle``: PyTorch's OpenMP threads
+spin-wait after a call and would slow the next JAX call). Reported: medians and ours / theirs
+(below 1 = ours faster).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def peer_unet(config):
 
 
 def ours(config, batch: int):
-  """Jitted forward and train step (MSE + Adam, donated) of our teacher U-Net."""
+  """Jitted forward and train step (MSE + Adam) of our teacher U-Net."""
   model = pipeline.teacher_model(config)
   params = models.init_params(model, jax.random.key(0), models.model_input_shape(config))
   tx = optax.adam(1e-4)
@@ -122,8 +124,8 @@ def bench_model(name: str, spec: str, batch: int, runs: int) -> dict:
   if abs(n_ours - n_theirs) > 0.1 * n_theirs:
     raise SystemExit(f"{name}: parameter counts differ by more than 10 % ({n_ours} vs "
                      f"{n_theirs}): the peer is not the same architecture.")
-  f_o, f_t = common.alternate(fwd_ours, fwd_theirs, runs=runs)
-  s_o, s_t = common.alternate(train_ours, train_theirs, runs=runs)
+  f_o, f_t = common.alternate(fwd_ours, fwd_theirs, runs=runs, settle=1)
+  s_o, s_t = common.alternate(train_ours, train_theirs, runs=runs, settle=1)
   return {"model": name, "config": spec, "batch": batch, "params_ours": n_ours,
           "params_theirs": n_theirs, "forward_ours_s": f_o, "forward_theirs_s": f_t,
           "train_ours_s": s_o, "train_theirs_s": s_t, "torch": torch.__version__}
