@@ -181,7 +181,7 @@ class UNet(nn.Module):
         skips.append(h)
       if level != len(self.ch_mult) - 1:
         h = layers.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
-                    name=f"down_{level}_downsample")(h)
+                        name=f"down_{level}_downsample")(h)
         skips.append(h)
 
     h = res(h.shape[-1], "mid_res_0")(h, emb)
