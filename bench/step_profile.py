@@ -26,9 +26,7 @@ import pathlib
 import re
 import sys
 import tempfile
-import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -41,10 +39,7 @@ from distill.models import layers, unet  # noqa: E402
 
 MODELS = {"digits": ("digits", 64), "cifar10": ("cifar10", 8)}
 QUICK = {"digits": ("digits:runlocal", 4), "cifar10": ("cifar10:runlocal", 2)}
-FLAX_LAYERS = types.SimpleNamespace(
-    Conv=nn.Conv, Dense=nn.Dense, GroupNorm=nn.GroupNorm,
-    scale_shift=lambda h, s, t: h * (1.0 + s[:, None, None, :]) + t[:, None, None, :])
-LAYER_SETS = {"ours": layers, "flax": FLAX_LAYERS}
+LAYER_SETS = {"ours": layers, "flax": layers.FLAX_LAYERS}
 
 
 @contextlib.contextmanager
@@ -79,8 +74,10 @@ def compiled_gradients(spec: str, batch: int) -> tuple[dict, tuple]:
   return out, args
 
 
-def thunk_profile(fn, args, hlo_text: str) -> dict:
-  """Traces one call: thunk milliseconds summed by op kind and by issuing layer, thunk counts."""
+def thunk_profile(fn, args) -> dict:
+  """Traces one call of the compiled ``fn``: thunk milliseconds summed by op kind and by issuing
+  layer, thunk counts."""
+  hlo_text = fn.as_text()
   instructions = set(re.findall(r"\n\s*(?:ROOT )?%(\S+) = ", hlo_text))
   op_names = dict(re.findall(r"\n\s*(?:ROOT )?%(\S+) = [^\n]*?op_name=\"([^\"]+)\"", hlo_text))
   with tempfile.TemporaryDirectory() as tmp:
@@ -95,9 +92,9 @@ def thunk_profile(fn, args, hlo_text: str) -> dict:
     name = e.get("name", "")
     if e.get("ph") != "X" or name not in instructions:
       continue
-    ms = e["dur"] / 1e3
-    kinds[re.sub(r"\.\d+$", "", name)] += ms
-    counts[re.sub(r"\.\d+$", "", name)] += 1
+    ms, kind = e["dur"] / 1e3, re.sub(r"\.\d+$", "", name)
+    kinds[kind] += ms
+    counts[kind] += 1
     # "jit(loss)/transpose(jvp(UNet))/up_0_res_2/norm_0/reduce_sum" → "backward …/res/norm_0/…"
     src = op_names.get(name, "?/(no op_name: layout copies of the convolutions' backward)")
     phase = "backward" if "transpose(" in src else "forward"
@@ -127,7 +124,7 @@ def main(argv=None) -> dict:
   result = {"model": args.model, "config": spec, "batch": batch, "runs": runs,
             "gradient_s": {"ours": t_ours, "flax": t_flax}, "profile": {}}
   for name, fn in fns.items():
-    result["profile"][name] = thunk_profile(fn, fn_args, fn.as_text())
+    result["profile"][name] = thunk_profile(fn, fn_args)
 
   print(f"# python bench/step_profile.py {' '.join(argv)}")
   print(f"# {common.machine_line()}")

@@ -1,7 +1,5 @@
 """The U-Net's layers against flax.linen's: same parameters, same outputs, same gradients."""
 
-import types
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,9 +11,7 @@ from distill import models
 from distill.config_utils import load_config
 from distill.models import layers, unet
 
-FLAX_LAYERS = types.SimpleNamespace(
-    Conv=nn.Conv, Dense=nn.Dense, GroupNorm=nn.GroupNorm,
-    scale_shift=lambda h, s, t: h * (1.0 + s[:, None, None, :]) + t[:, None, None, :])
+FLAX_LAYERS = layers.FLAX_LAYERS
 
 
 def _perturbed(params, seed):

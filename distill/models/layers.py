@@ -15,6 +15,7 @@ plain ``sum`` that XLA fuses as usual (``jax.lax.platform_dependent``).
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -184,3 +185,11 @@ class Conv(nn.Module):
     y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), tuple(self.strides),
                                      "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return add_bias(y, bias.astype(dtype))
+
+
+# flax.linen's layers under this module's names: what these layers are checked against
+# (tests/test_layers.py) and profiled against (bench/step_profile.py), by swapping them into
+# ``distill.models.unet.layers``.
+FLAX_LAYERS = types.SimpleNamespace(
+    Conv=nn.Conv, Dense=nn.Dense, GroupNorm=nn.GroupNorm,
+    scale_shift=lambda h, s, t: h * (1.0 + s[:, None, None, :]) + t[:, None, None, :])
