@@ -4,13 +4,7 @@ COMMAND: python -m distill.main --config=configs/digits.py --workdir=runs/digits
 SMOKE:   python -m distill.main --config=configs/digits.py:runlocal --workdir=/tmp/digits
 """
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location(
-    "distill_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from distill import config_common as common
 
 
 def get_config(arg=None):

@@ -10,13 +10,9 @@ The default is the class-conditional LDM (cin256-v2, converted with
 (``tests/fixtures/latent/tiny-cin``, 10 classes + null) on the embedded digits.
 """
 
-import importlib.util
 import pathlib
 
-_spec = importlib.util.spec_from_file_location(
-    "distill_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from distill import config_common as common
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

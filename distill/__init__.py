@@ -1,6 +1,7 @@
 """distill: classifier-free-guided diffusion models distilled into 1–4-step models.
 
-Meng et al., "On Distillation of Guided Diffusion Models" (CVPR 2023). See README.md.
+Meng et al., "On Distillation of Guided Diffusion Models" (CVPR 2023). See README.md and
+docs/design.md.
 """
 
 from distill import xla_cpu as _xla_cpu

@@ -1,7 +1,9 @@
 """Orbax checkpoints: named items ``state`` (the train state) and ``config`` (JSON).
 
 Saves go through ``CheckpointManager`` (atomic: a step directory appears only when complete,
-``max_to_keep`` from config). Restoring takes the newest readable checkpoint: if the newest is
+``max_to_keep`` from config). They are asynchronous; ``poll`` (called after every training step)
+turns a save that failed in the background into ``CheckpointError`` at once, a one-line message
+naming the directory and the cause, and the previous checkpoint stays the newest complete one. Restoring takes the newest readable checkpoint: if the newest is
 damaged (e.g. truncated files), it warns and falls back to the previous one.
 
 ``read_params`` reads only the (EMA) parameters of a finished stage, or of a teacher trained
@@ -11,6 +13,7 @@ config builds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -20,20 +23,46 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from distill import paths
 
-def _finite(tree) -> bool:
+
+def is_finite(tree) -> bool:
+  """Whether every floating-point leaf of ``tree`` is free of NaN and infinity."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
-class Checkpoints:
-  """A stage's checkpoints in ``directory``."""
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written (one line: the directory and the cause)."""
 
-  def __init__(self, directory, *, max_to_keep: int | None = 3):
-    self.directory = epath.Path(directory)
+
+class _BackgroundSaveErrors(logging.Filter):
+  """Drops the traceback that Orbax's save thread logs; ``CheckpointError`` reports it."""
+
+  def filter(self, record):
+    if record.exc_info and "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+class Checkpoints:
+  """A stage's checkpoints in ``directory`` (made absolute: Orbax needs it)."""
+
+  def __init__(self, directory, *, max_to_keep: int | None = 3, writable: bool = True):
+    """``writable``: check at once (process 0) that saves can be written there; a directory
+    that is only read from (sampling) may be read-only."""
+    self.directory = epath.Path(paths.resolve(directory))
+    if writable and jax.process_index() == 0:
+      try:
+        paths.check_writable(self.directory, what="checkpoint directory")
+      except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    self._pending = None  # the step of a save that may still be running
+    self._filter = _BackgroundSaveErrors()
+    logging.getLogger("absl").addFilter(self._filter)
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=writable),
         item_names=("state", "config"))
 
   def all_steps(self) -> list[int]:
@@ -41,16 +70,46 @@ class Checkpoints:
 
   def save(self, step: int, state, config) -> None:
     """Saves ``state`` and ``config`` (a ConfigDict or dict) at ``step``; refuses non-finite."""
-    if not _finite(state):
+    if not is_finite(state):
       raise FloatingPointError(f"refusing to checkpoint step {step}: the state holds NaN or "
                                "infinite values.")
     if hasattr(config, "to_json_best_effort"):
       config = json.loads(config.to_json_best_effort())
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)), force=True)
+    self.wait()  # the previous save first, so its failure is reported as its own
+    with self._reporting(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)), force=True)
+    self._pending = step
+
+  def poll(self) -> None:
+    """Raises ``CheckpointError`` if a background save has failed; never blocks on one."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the running save (if any) is complete; ``CheckpointError`` if it failed."""
+    step, self._pending = self._pending, None
+    with self._reporting(step):
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _reporting(self, step):
+    try:
+      yield
+    except Exception as e:  # Orbax and the file system raise many kinds
+      cause = str(e).splitlines()[0] if str(e) else ""
+      raise CheckpointError(
+          f"saving checkpoint {step} in {str(self.directory)!r} failed ({type(e).__name__}: "
+          f"{cause}); {self._resume_point()}") from None
+
+  def _resume_point(self) -> str:
+    try:
+      steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    except OSError:
+      steps = []
+    if steps:
+      return f"a rerun resumes from step {steps[-1]}, the newest complete checkpoint there."
+    return "no complete checkpoint is there, so a rerun starts the stage afresh."
 
   def restore_latest(self, abstract_state):
     """``(step, state)`` of the newest readable checkpoint, or ``(None, None)`` if none is.
@@ -89,13 +148,17 @@ class Checkpoints:
         config=ocp.args.JsonRestore())).config
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+      logging.getLogger("absl").removeFilter(self._filter)
 
 
 def state_dir(path) -> tuple[epath.Path, int]:
   """``(…/<step>/state, step)`` for a step directory, a ``checkpoints`` directory (its newest
   step) or a stage directory holding ``checkpoints/``."""
-  path = epath.Path(path)
+  path = epath.Path(paths.resolve(path))
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if (path / "state").is_dir() and path.name.isdigit():

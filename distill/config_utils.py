@@ -1,9 +1,13 @@
-"""Loading ``configs/<name>.py[:arg]`` files outside the CLI (tests, notebooks, scripts)."""
+"""Loading ``configs/<name>.py[:arg]`` files outside the CLI (tests, notebooks, scripts).
+
+A config file is a plain Python file with ``get_config(arg=None)``; it imports its shared
+settings as ``from distill import config_common as common``, so it loads from any directory.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
+import runpy
 
 import ml_collections
 
@@ -23,7 +27,4 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not file.is_file():
     raise ValueError(f"config file {str(file)!r} does not exist: pass a path such as "
                      "configs/digits.py or a name in configs/.")
-  module_spec = importlib.util.spec_from_file_location(f"distill_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return runpy.run_path(str(file))["get_config"](arg or None)

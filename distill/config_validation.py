@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from distill import input_pipeline
+from distill import checkpoints, input_pipeline
 from distill.losses import W_WEIGHTINGS
 from distill.models.factory import check_model_config
 
@@ -74,12 +74,23 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   if "teacher" in stages and not 0.0 <= config.teacher.p_uncond <= 1.0:
     raise ValueError(f"teacher.p_uncond={config.teacher.p_uncond} must be in [0, 1] (the "
                      "probability of replacing a label by the null label).")
-  if config.teacher.checkpoint and not epath.Path(config.teacher.checkpoint).exists():
-    raise ValueError(f"teacher.checkpoint={config.teacher.checkpoint!r} does not exist: pass a "
-                     "teacher stage directory, its checkpoints/ directory or a step directory.")
+  if config.teacher.checkpoint:
+    if not epath.Path(config.teacher.checkpoint).exists():
+      raise ValueError(f"teacher.checkpoint={config.teacher.checkpoint!r} does not exist: pass "
+                       "a teacher stage directory, its checkpoints/ directory or a step "
+                       "directory.")
+    try:
+      checkpoints.state_dir(config.teacher.checkpoint)
+    except ValueError as e:
+      raise ValueError(f"teacher.checkpoint: {e}") from None
   one, two = config.stage_one, config.stage_two
   if not one.w_min <= one.w_max:
     raise ValueError(f"stage_one.w_min={one.w_min} must be <= stage_one.w_max={one.w_max}.")
+  # w = -1 is the unconditional model, and in (-1, 0) guidance interpolates towards it; below
+  # -1 the conditional branch would get a negative weight, which no sampler wants.
+  if one.w_min < -1:
+    raise ValueError(f"stage_one.w_min={one.w_min} must be >= -1 (w = -1 is the unconditional "
+                     "model; the paper distils w in [0, 4]).")
   for name, section in (("stage_one", one), ("stage_two", two)):
     if section.w_loss_weight not in W_WEIGHTINGS:
       raise ValueError(f"{name}.w_loss_weight={section.w_loss_weight!r} is not one of "

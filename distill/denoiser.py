@@ -2,7 +2,7 @@
 
 The samplers and losses take any ``denoise_fn(z, t)``; these helpers close a model, its
 parameters, the labels and ``w`` over. ``guided_denoise_fn`` evaluates the conditional and the
-null-label branch in **one** batched forward pass (DESIGN.md §1, "Guidance").
+null-label branch in **one** batched forward pass (docs/design.md §1.5).
 """
 
 from __future__ import annotations

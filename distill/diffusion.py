@@ -1,6 +1,6 @@
 """Forward process, parameterisation conversions, DDIM steps and the N-step samplers.
 
-Notation as in DESIGN.md §1 and the paper: ``z_t = α_t x + σ_t ε``; the network predicts
+Notation as in docs/design.md §1 and the paper: ``z_t = α_t x + σ_t ε``; the network predicts
 ``v = α ε − σ x``; ``λ`` is the log-SNR. Every function is pure and jit-able. ``logsnr``
 arguments are a scalar or one value per example (shape ``[B]``); they are broadcast against the
 trailing image axes here, so callers never reshape them.

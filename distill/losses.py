@@ -22,8 +22,8 @@ def _per_example_mean(x):
 def snr_trunc_loss(x, x_pred, eps, eps_pred):
   """Per-example ``max(‖x̂ − x‖², ‖ε̂ − ε‖²)`` (pixel means).
 
-  This is the x-space error weighted by ``ω(λ) = max(exp(λ), 1)`` ("SNR-truncated", DESIGN.md
-  §1), since ``‖ε̂ − ε‖² = exp(λ) ‖x̂ − x‖²`` for predictions tied by ``z``.
+  This is the x-space error weighted by ``ω(λ) = max(exp(λ), 1)`` ("SNR-truncated", docs/design.md
+  §1.6), since ``‖ε̂ − ε‖² = exp(λ) ‖x̂ − x‖²`` for predictions tied by ``z``.
   """
   return jnp.maximum(_per_example_mean(x_pred - x), _per_example_mean(eps_pred - eps))
 
@@ -115,7 +115,7 @@ def stage_one_objective(student, teacher, *, w_min: float, w_max: float,
 
 def stage_two_target(teacher_denoise_fn, z_t, t, num_student_steps, *,
                      logsnr_fn=schedules.cosine_logsnr):
-  """Target ``x̃`` of progressive distillation (Algorithm 2, as in PD; DESIGN.md §1).
+  """Target ``x̃`` of progressive distillation (Algorithm 2, as in PD; docs/design.md §1.9).
 
   The teacher takes two DDIM steps of ``1/(2N)`` each, ``t → t' = t − 0.5/N → t'' = t − 1/N``
   (``N = num_student_steps``); ``x̃`` is the x-prediction with which **one** DDIM step from ``t``

@@ -6,6 +6,10 @@ Multi-host: pass ``--multihost`` or set ``DISTILL_MULTIHOST=1`` to call
 peers by itself; elsewhere pass ``--coordinator_address``, ``--num_processes`` and
 ``--process_id`` (on CPU the processes' collectives then go through gloo).
 
+Relative paths (``--workdir``, ``teacher.checkpoint``, ``eval.inception_weights``,
+``data.data_dir``) are taken against the current directory; bad input ends in one line
+(``error: …``, exit status 1).
+
 Preemption: a SIGTERM during training saves a checkpoint of the current step and exits with
 status 143; rerunning the same command resumes there.
 """
@@ -46,11 +50,11 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.multihost:
     initialize_distributed(jax)
-  from distill import pipeline, preemption  # pylint: disable=import-outside-toplevel
+  from distill import cli, paths, pipeline, preemption  # pylint: disable=import-outside-toplevel
   logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
-    pipeline.run(FLAGS.config, FLAGS.workdir)
+    cli.run_cli(pipeline.run, FLAGS.config, paths.resolve(FLAGS.workdir or ""))
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_STATUS)

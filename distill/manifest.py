@@ -58,7 +58,17 @@ class Manifest:
 
   def __init__(self, workdir):
     self.path = epath.Path(workdir) / "manifest.json"
-    self.data = json.loads(self.path.read_text()) if self.path.exists() else None
+    self.data = None
+    if self.path.exists():
+      try:
+        self.data = json.loads(self.path.read_text())
+        if not isinstance(self.data, dict) or "config_hash" not in self.data:
+          raise ValueError("no config_hash")
+      except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{self.path} is damaged ({type(e).__name__}: {e}): it is written atomically, so it "
+            "was edited or truncated by hand. Restore it, or move it away to resume from the "
+            "checkpoints with the current config recorded afresh.") from None
 
   def check_config(self, config) -> None:
     """Records the config on a new workdir; refuses a changed one on an existing workdir."""

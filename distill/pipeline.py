@@ -28,7 +28,7 @@ import ml_collections
 from etils import epath
 
 from distill import (checkpoints, config_validation, denoiser, diffusion, input_pipeline, losses,
-                     manifest, models, sharding, train)
+                     manifest, models, paths, progress, sharding, train)
 
 
 def stage_key(config, name: str) -> jax.Array:
@@ -145,11 +145,15 @@ def read_teacher_checkpoint(config, mesh):
   path = config.teacher.checkpoint
   step, params = checkpoints.read_params(
       path, _abstract_params(teacher_model(config), config, mesh), what="teacher")
+  if not checkpoints.is_finite(params):
+    raise ValueError(f"teacher.checkpoint={path!r}: the teacher's EMA parameters (step {step}) "
+                     "hold NaN or infinite values; pass a checkpoint of a healthy teacher.")
   logging.info("teacher: read EMA parameters of step %d from %s", step, path)
   return params
 
 
-def train_link(config, workdir, link: Link, mesh, teacher_params) -> train.TrainState:
+def train_link(config, workdir, link: Link, mesh, teacher_params, *,
+               progress=None) -> train.TrainState:
   """Trains one link of the chain; ``teacher_params`` are the previous link's (None for it)."""
   section = section_of(config, link)
   key = stage_key(config, link.name)
@@ -188,7 +192,8 @@ def train_link(config, workdir, link: Link, mesh, teacher_params) -> train.Train
       name=link.name, section=link.stage, stage_cfg=section, objective=objective,
       init_params=init, frozen=frozen, batches=batches, mesh=mesh,
       workdir=link.directory(workdir), config=config, base_key=jax.random.fold_in(key, 1),
-      sample_fn=sample_fn(config=config, **grids) if section.sample_every else None)
+      sample_fn=sample_fn(config=config, **grids) if section.sample_every else None,
+      progress=progress)
 
 
 def train_teacher(config, workdir, mesh) -> train.TrainState:
@@ -197,15 +202,30 @@ def train_teacher(config, workdir, mesh) -> train.TrainState:
 
 
 def run(config, workdir) -> None:
-  """Runs ``config.stages`` in order; finished links return at once, so reruns resume."""
+  """Runs ``config.stages`` in order; finished links return at once, so reruns resume.
+
+  Local paths (``workdir`` and the config's path fields) are made absolute here, against the
+  current directory; URLs such as ``gs://…`` are left as they are.
+  """
+  if workdir:
+    workdir = paths.resolve(workdir)
+  config = paths.resolve_config(config)
   config_validation.validate(config, workdir, num_devices=_mesh_size(config),
                              process_count=jax.process_count())
   stages = config_validation.stages_of(config)
+  if jax.process_index() == 0:
+    paths.check_writable(workdir)
   record = manifest.Manifest(workdir)
   record.check_config(config)
   mesh = make_mesh(config)
   links = chain(config)
   last = max((i for i, link in enumerate(links) if link.stage in stages), default=-1)
+  trained = [link for link in links[:last + 1] if link.stage in stages and not (
+      link.name == "teacher" and config.teacher.checkpoint)]
+  tracker = progress.RunProgress(
+      [(link.name, link.stage, int(section_of(config, link).num_train_steps),
+        int(section_of(config, link).batch_size)) for link in trained],
+      eval_work=_eval_work(config) if "eval" in stages else 0)
 
   params = None  # a function giving the previous link's EMA parameters
   for link in links[:last + 1]:
@@ -219,7 +239,9 @@ def run(config, workdir) -> None:
     teacher_params = params() if params is not None else None
     start = time.time()
     was_complete = record.is_complete(link.name)
-    state = train_link(config, workdir, link, mesh, teacher_params)
+    logging.info("%s (%s): %s", link.name, tracker.position(link.name),
+                 "complete, read from its final checkpoint" if was_complete else "training")
+    state = train_link(config, workdir, link, mesh, teacher_params, progress=tracker)
     if not was_complete:
       record.complete(link.name, step=int(state.step), seconds=time.time() - start)
     params = lambda state=state: state.ema_params
@@ -230,6 +252,17 @@ def run(config, workdir) -> None:
     out = evaluate.run(config, workdir)
     record.complete("eval", step=0, seconds=time.time() - start)
     logging.info("eval: report written to %s", out)
+    for line in evaluate.summary(out, config):
+      logging.info("%s", line)
+  logging.info("run finished in %s (%s)", progress.format_seconds(time.time() - tracker.started),
+               ", ".join(stages))
+
+
+def _eval_work(config) -> int:
+  """Network evaluations of the eval stage's cells, for the run's ETA (before it starts)."""
+  from distill.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+  cells = evaluate.plan(config, trained=halvings(config))
+  return sum(cell.nfe for cell in cells) * int(config.eval.num_samples)
 
 
 def _mesh_size(config) -> int:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from distill import checkpoints, denoiser, diffusion, images, models, pipeline, sharding
+from distill import checkpoints, cli, denoiser, diffusion, images, models, paths, pipeline, sharding
 
 MODELS = ("teacher", "stage_one", "student")
 SAMPLERS = ("deterministic", "stochastic")
@@ -41,13 +41,14 @@ class LoadedModel:
 
 def workdir_config(workdir) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (the JSON saved with its first stage's checkpoints)."""
-  workdir = epath.Path(workdir)
+  workdir = epath.Path(paths.resolve(workdir))
   for link in ("teacher", "stage_one"):
     try:
       _, step = checkpoints.state_dir(workdir / link)
     except ValueError:
       continue
-    saved = checkpoints.Checkpoints(workdir / link / "checkpoints", max_to_keep=None)
+    saved = checkpoints.Checkpoints(workdir / link / "checkpoints", max_to_keep=None,
+                                    writable=False)
     try:
       return ml_collections.ConfigDict(saved.restore_config(step))
     finally:
@@ -71,7 +72,8 @@ def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
   """Reads a finished model of the chain from ``workdir``; clear errors for what is missing."""
   if kind not in MODELS:
     raise ValueError(f"model={kind!r} is not one of {list(MODELS)}.")
-  config = config or workdir_config(workdir)
+  workdir = paths.resolve(workdir)
+  config = paths.resolve_config(config or workdir_config(workdir))
   mesh = mesh or sharding.make_mesh(1)
   links = {link.name: link for link in pipeline.chain(config)}
   if kind == "student":
@@ -173,10 +175,7 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
 
 
 def main(argv=None):
-  try:
-    _main(argv)
-  except ValueError as e:  # bad input: one line, no traceback
-    raise SystemExit(f"error: {e}") from None
+  cli.run_cli(_main, argv)  # bad input: one line, no traceback
 
 
 def _main(argv):
@@ -194,6 +193,7 @@ def _main(argv):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/samples)")
   args = parser.parse_args(argv)
+  args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
 
   w_values = [float(v) for v in args.w.split(",") if v.strip()]
   loaded = load_model(args.workdir, args.model, num_steps=args.num_steps)

@@ -1,6 +1,6 @@
 """Log-SNR noise schedules in continuous time ``t in [0, 1]`` (data at 0, noise at 1).
 
-DESIGN.md §1: the cosine log-SNR schedule of progressive distillation,
+docs/design.md §1.1: the cosine log-SNR schedule of progressive distillation,
 
     b = arctan(exp(-λ_max/2)),  a = arctan(exp(-λ_min/2)) - b,  λ(t) = -2 log tan(a t + b),
 

@@ -134,7 +134,8 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
 
 def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[], Any],
           frozen, batches, mesh, workdir, config, base_key, writer=None, section: str | None = None,
-          sample_fn: Callable[[TrainState], tuple[np.ndarray, int]] | None = None) -> TrainState:
+          sample_fn: Callable[[TrainState], tuple[np.ndarray, int]] | None = None,
+          progress=None) -> TrainState:
   """Trains one stage to ``stage_cfg.num_train_steps``, resuming from its checkpoints.
 
   ``name`` labels logs; ``section`` (default ``name``) is the config section that error
@@ -142,7 +143,8 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
 
   ``workdir`` is the stage's directory (checkpoints in ``workdir/checkpoints``, sample grids in
   ``workdir/samples``); ``batches[step]`` is the process-local batch of ``step``;
-  ``sample_fn(state)`` returns ``(images, rows)`` for a grid.
+  ``sample_fn(state)`` returns ``(images, rows)`` for a grid. ``progress`` (a
+  ``progress.RunProgress``) adds the run's position and ETA to each log line.
   """
   workdir = epath.Path(workdir)
   num_steps = int(stage_cfg.num_train_steps)
@@ -158,6 +160,8 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
   else:
     logging.info("%s: resuming from checkpoint at step %d", name, restored_step)
   start = int(state.step)
+  if progress is not None:
+    progress.begin(name, start)
   if start >= num_steps:
     ckpts.close()
     return state
@@ -182,7 +186,11 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
           f"the learning rate or raise {section or name}.max_consecutive_nonfinite.")
 
   pending, previous = [], None
+  # A failed background save stops the run at the next step; with several processes it is
+  # found at the next (collective) save or wait instead, so that every process stops together.
+  poll = jax.process_count() == 1
   t0 = time.time()
+  t_log, step_log = t0, start
   with metric_writers.ensure_flushes(writer), preemption.Watcher() as watcher:
     for step in range(start, num_steps):
       batch = sharding.global_batch(mesh, next(data))
@@ -197,9 +205,13 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
         scalars = _mean_metrics(pending)
         pending = []
         writer.write_scalars(done, scalars)
-        logging.info("%s step %d/%d: loss %.5f, grad norm %.3f, lr %.2e, skipped %d, %.1f s",
-                     name, done, num_steps, scalars["loss"], scalars["grad_norm"],
-                     scalars["learning_rate"], scalars["skipped_total"], time.time() - t0)
+        now = time.time()
+        rate = (done - step_log) / max(now - t_log, 1e-9)
+        t_log, step_log = now, done
+        logging.info("%s step %d/%d: loss %.5f, grad norm %.3f, lr %.2e, skipped %d, %.1f s, "
+                     "%.1f steps/s%s", name, done, num_steps, scalars["loss"],
+                     scalars["grad_norm"], scalars["learning_rate"], scalars["skipped_total"],
+                     now - t0, rate, progress.describe(name, done, rate) if progress else "")
       if sample_fn is not None and stage_cfg.sample_every and (
           done % stage_cfg.sample_every == 0 or done == num_steps):
         samples, rows = sample_fn(state)
@@ -207,6 +219,8 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
           image = images.grid(np.asarray(samples), rows=rows)
           writer.write_images(done, {"samples": image[None]})
           images.save_png(image, workdir / "samples" / f"step_{done:08d}.png", scale=4)
+      if poll:
+        ckpts.poll()
       preempted = watcher.reached(done)
       if done % stage_cfg.checkpoint_every == 0 or done == num_steps or preempted:
         check(metrics, done)

@@ -4,7 +4,8 @@ jax 0.10's CPU backend hands convolutions, dots, reductions and element-wise ops
 fusions by default. For this project's U-Nets those fusions are the slow path on CPU: turning
 them off (``--xla_cpu_experimental_ynn_fusion_type=`` with an empty list) makes the digits U-Net's
 forward and backward passes about 2× faster and the CIFAR-10 U-Net's 25–30 % faster, with
-bit-identical forward outputs (``bench/xla_cpu_flags.py``; BENCHMARKS.md, "XLA:CPU fusions").
+bit-identical forward outputs (``bench/xla_cpu_flags.py``; BENCHMARKS.md, "XLA:CPU's YNNPACK
+fusions").
 
 ``apply()`` adds the option to ``XLA_FLAGS`` unless the user's ``XLA_FLAGS`` already sets it (to
 choose fusions yourself) or ``DISTILL_XLA_CPU_DEFAULTS=0``. It is a CPU-backend option: TPU and GPU

@@ -1,14 +1,18 @@
 """The bench scripts in their ``--quick`` mode, so that they cannot rot.
 
-No timing is asserted: only what the scripts compute besides time (FLOP counts, parameter
-counts, the pipeline's cost arithmetic) is checked, against independent counts.
+No timing is asserted, and no figure is checked by recomputing the script's own formula from its
+own output. What a script computes besides time (FLOP and parameter counts, memory, outputs of
+two frameworks or two settings) is checked against an independent count; a script that only
+times is a smoke run: it ran, and its report has the expected rows.
 """
 
 import importlib.util
-import math
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
@@ -22,18 +26,23 @@ def _script(name):
 
 
 @pytest.mark.parametrize("warmup", ["call", "compile"])
-def test_sampling_quick(capsys, warmup):
+def test_sampling_quick_smoke(capsys, warmup):
+  """Smoke run (the script only times): every sampler × N row ran twice with the warm-up asked
+  for, and the report lists them; the student's parameter count is the exact one."""
   results = _script("sampling").main(["--quick", "--models=digits", f"--warmup={warmup}"])
   (res,) = results
-  assert {(r["sampler"], r["steps"]) for r in res["samplers"]} == {
-      (s, n) for s in ("deterministic", "stochastic") for n in (1, 4)}
+  assert res["params"] == 196_321  # the digits:runlocal student (tests/test_unet.py)
+  rows = [(r["sampler"], r["steps"]) for r in res["samplers"]]
+  assert rows == [(s, n) for s in ("deterministic", "stochastic") for n in (1, 4)]
   for r in res["samplers"]:
-    assert r["median_s"] > 0 and math.isclose(
-        r["ratio"], r["median_s"] / (r["steps"] * r["forward_s"]))
     assert ("compile_s" in r) == (warmup == "compile")
     assert r["runs"] == 2  # quick: --runs=2
-  assert res["speedup"]["evaluation_ratio"] == 2 * 4 / 4  # quick: teacher 2×4 vs student 4
-  assert "| digits |" in capsys.readouterr().out
+  assert res["speedup"]["teacher_runs"] == 2 and res["speedup"]["student4_runs"] == 6
+  out = capsys.readouterr().out
+  printed = [line for line in out.splitlines() if line.startswith("| digits |")]
+  assert [line.split(" | ")[:6] for line in printed[:4]] == [
+      ["| digits", "0.20 M", "8", s, str(n), "2"] for s, n in rows]
+  assert len(printed) == 5 and printed[4].startswith("| digits | 8 | ")  # the speed-up row
 
 
 def test_train_step_quick(capsys):
@@ -49,36 +58,47 @@ def test_train_step_quick(capsys):
   for stage in (one, two):
     assert 1.4 < stage / teacher < 1.9
   assert by_name["teacher step without attention blocks"]["flops"] < teacher
-  assert result["matmul_peak"]["gflops"] > 0
+  # The peak's FLOP count (2n³ per n×n matmul) is XLA's, the one the steps' FLOPs come from.
+  n = result["matmul_peak"]["n"]
+  a = jax.ShapeDtypeStruct((n, n), jnp.float32)
+  assert jax.jit(jnp.matmul).lower(a, a).compile().cost_analysis()["flops"] == 2 * n**3
+  assert {r["batch"] for r in result["stages"]} == {16}  # one batch for every stage
   assert "of matmul peak" in capsys.readouterr().out
 
 
 def test_scale_plan_quick(capsys):
-  from distill import pipeline  # pylint: disable=import-outside-toplevel
+  """Halvings, the FLOPs of the two stages against each other, and the memory: the hand count
+  from the exact parameter count, and XLA's memory analysis of the compiled step against it."""
+  from distill import models  # pylint: disable=import-outside-toplevel
   from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
   result = _script("scale_plan").main(["--quick"])
   config = load_config("imagenet64:runlocal")
-  halvings = pipeline.halvings(config)
-  assert result["halvings"] == halvings == [4, 2, 1]
+  assert result["halvings"] == [4, 2, 1]  # runlocal: start_num_steps 8, end 1
   one, two = result["flops"]["stage_one"]["flops"], result["flops"]["stage_two"]["flops"]
   assert 0.8 < one / two < 1.25  # both: student forward + backward, teacher forwards at 2B
-  expected = config.stage_one.num_train_steps * one + sum(
-      pipeline.halving_section(config, n).num_train_steps for n in halvings) * two
-  assert math.isclose(result["total_flops"], expected)
-  assert math.isclose(result["chip_hours"]["TPU v5e"],
-                      expected / (197e12 * result["utilisation"]) / 3600)
-  mem = result["memory"]
-  assert mem["argument_bytes"] >= mem["state_bytes"] + mem["teacher_bytes"]
-  assert "chip-hours" in capsys.readouterr().out
+  mem, n = result["memory"], 260_259  # the imagenet64:runlocal student (tests/test_unet.py)
+  # params, EMA, Adam's two moments in float32; five int32 counters (step, two skip counts,
+  # Adam's and the schedule's counts). The frozen teacher of stage two: float32 params.
+  assert mem["state_bytes"] == 4 * 4 * n + 5 * 4
+  assert mem["teacher_bytes"] == 4 * n
+  image = int(np.prod(models.model_input_shape(config, mem["batch"]))) * 4
+  labels, key, num_steps = mem["batch"] * 4, 8, 4
+  assert mem["argument_bytes"] == (mem["state_bytes"] + mem["teacher_bytes"] + image + labels
+                                   + key + num_steps)
+  assert mem["alias_bytes"] == mem["state_bytes"]  # donated: the new state reuses the old
+  out = capsys.readouterr().out
+  assert all(f"| {chip} |" in out for chip in ("TPU v4", "TPU v5e", "H100 SXM"))
 
 
 def test_peer_pytorch_quick(capsys):
   pytest.importorskip("torch")
   pytest.importorskip("diffusers")
   (r,) = _script("peer_pytorch").main(["--quick", "--models=digits"])
-  assert abs(r["params_ours"] - r["params_theirs"]) <= 0.1 * r["params_theirs"]
-  assert r["forward_ours_s"] > 0 and r["train_theirs_s"] > 0
-  assert "| digits |" in capsys.readouterr().out
+  # The peer is the same architecture: within 0.1 % of our exact count (the script itself
+  # refuses only beyond 10 %; BENCHMARKS' full-size rows agree to 0.002 %).
+  assert r["params_ours"] == 191_073  # the digits:runlocal teacher (tests/test_unet.py)
+  assert abs(r["params_ours"] - r["params_theirs"]) <= 1e-3 * r["params_ours"]
+  assert "| digits | 4 | 0.191 M / 0.191 M |" in capsys.readouterr().out
 
 
 def test_conv_kernels_quick(capsys):
@@ -87,8 +107,7 @@ def test_conv_kernels_quick(capsys):
   pytest.importorskip("torch")
   (r,) = _script("conv_kernels").main(["--quick"])
   assert r["max_abs_diff"] < 1e-4
-  assert r["forward_xla_s"] > 0 and r["fwd_bwd_torch_s"] > 0
-  assert "| tiny |" in capsys.readouterr().out
+  assert "| tiny | 2×4×4×8 → 8 |" in capsys.readouterr().out
 
 
 def test_stage_one_fid_on_the_tiny_pipeline(tiny_pipeline, capsys):
@@ -102,22 +121,37 @@ def test_stage_one_fid_on_the_tiny_pipeline(tiny_pipeline, capsys):
   assert "digits-FID" in capsys.readouterr().out
 
 
-def test_stage_memory_quick(capsys):
-  results = _script("stage_memory").main(["--quick"])
+def test_stage_memory_quick(capsys, tmp_path):
+  """Each stage ran in its own process and left its output; the RSS is in GiB (a unit slip
+  of 2^10 would leave the range)."""
+  results = _script("stage_memory").main(["--quick", f"--workdir={tmp_path}"])
   assert [r["stage"] for r in results] == ["teacher", "stage_one", "stage_two", "eval"]
+  for stage in ("teacher", "stage_one", "stage_two/N=1"):
+    assert (tmp_path / stage / "checkpoints" / "2").is_dir(), stage
+  assert (tmp_path / "report" / "table.md").is_file()
   assert all(0.1 < r["peak_rss_gib"] < 24 for r in results)  # a real process's RSS, in GiB
   assert "peak RSS" in capsys.readouterr().out
 
 
 def test_latent_memory_quick(capsys):
-  """The SD state arithmetic from the published parameter counts, and one compiled analysis."""
-  result = _script("latent_memory").main(["--quick"])
-  assert round(result["text_params"] / 1e6, 1) == 123.1
-  assert round(result["vae_params"] / 1e6, 1) == 83.7
-  n = result["unet_params"]
-  assert result["state_bytes"] == (4 + 4 + 8 + 4 + 2) * n
+  """The parameter counts, exactly, and the state bytes against the arrays themselves: the
+  student's float32 params, gradients, Adam state (optax's own) and EMA, and the bfloat16
+  teacher, as abstract shapes; one compiled memory analysis ran."""
+  module = _script("latent_memory")
+  result = module.main(["--quick"])
+  assert result["text_params"] == 123_060_480 and result["vae_params"] == 83_653_863
+  cfg = module.unet.UNetConfig.from_diffusers(module.TINY_UNET)
+  params = jax.eval_shape(lambda: module.unet.UNet2DConditionModel(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+      jnp.zeros((1, 77, cfg.cross_attention_dim))))["params"]
+  assert result["unet_params"] == 792_964 == sum(x.size for x in jax.tree.leaves(params))
+  adam = jax.eval_shape(optax.adam(1e-4).init, params)
+  teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating))
+  assert result["state_bytes"] == 3 * nbytes(params) + nbytes(adam) + nbytes(teacher)
   (row,) = result["rows"]
-  assert row["temp_bytes"] > 0 and row["total_bytes"] == result["state_bytes"] + row["temp_bytes"]
+  assert (row["batch"], row["remat"]) == (1, False) and row["temp_bytes"] > 0
   assert "| **total** |" in capsys.readouterr().out
 
 
@@ -133,9 +167,8 @@ def test_xla_cpu_flags_quick(capsys):
 
 def test_step_profile_quick(capsys):
   res = _script("step_profile").main(["--quick", "--model=digits"])
-  assert set(res["gradient_s"]) == {"ours", "flax"} and min(res["gradient_s"].values()) > 0
+  assert set(res["gradient_s"]) == {"ours", "flax"}
   ours, flax = res["profile"]["ours"], res["profile"]["flax"]
-  assert ours["total_ms"] > 0 and flax["total_ms"] > 0
   # Our layers' position sums are matrix products; flax's gradients issue reductions of the
   # biases instead. The profile attributes thunks to the layers that issued them.
   assert any("backward" in k and "conv_in" in k for k in flax["sources"])

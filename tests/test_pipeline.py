@@ -1,10 +1,10 @@
 """The whole pipeline on the tiny digits config: teacher → stage one → halvings 8 → 4 → 2 → 1.
 
-One uninterrupted run (module fixture) is the reference. A second run in subprocesses is killed
-with SIGKILL in stage one and again in the middle of a halving (right after it starts an
-asynchronous checkpoint save), then rerun with the same command: every link's final parameters
-must be bit-identical to the reference; so must a run stopped by SIGTERM (which saves the step
-it was at) and relaunched. Also: a changed config and a mismatched teacher are
+One uninterrupted run (session fixture) is the reference. A second run, the CLI in subprocesses
+started from another directory with a relative ``--workdir``, is killed with SIGKILL in stage one
+(right after it starts an asynchronous checkpoint save), stopped by SIGTERM in a halving (which
+saves the step it was at), then rerun with the same command: every link's final parameters
+must be bit-identical to the reference. Also: a changed config and a mismatched teacher are
 refused, a teacher read from ``teacher.checkpoint`` reproduces stage one exactly, and the
 stage-one objective matches its closed form at initialisation.
 """
@@ -27,37 +27,34 @@ from distill.config_utils import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-# Runs distill.main in a subprocess; KILL_AT="<link>:<step>" makes the process SIGKILL itself
-# right after asking Orbax to save that step (the save may or may not have completed).
+# Runs distill.main in a subprocess that stops itself at STOP_AT="<link>:<step>": STOP_HOW=kill
+# sends SIGKILL right after asking Orbax to save that step (the save may or may not complete);
+# STOP_HOW=term sends a real SIGTERM when the loop asks whether to stop after that step.
 DRIVER = r"""
 import os, signal, sys
 from absl import app
-from distill import checkpoints, main
-link, step = os.environ["KILL_AT"].rsplit(":", 1)
-original = checkpoints.Checkpoints.save
-def save(self, at, state, config):
-  original(self, at, state, config)
-  if self.directory.parent.as_posix().endswith(link) and at == int(step):
-    os.kill(os.getpid(), signal.SIGKILL)
-checkpoints.Checkpoints.save = save
-sys.argv = ["distill.main"] + sys.argv[1:]
-app.run(main.main)
-"""
-
-
-# Runs distill.main in a subprocess that sends itself a real SIGTERM when the training loop asks,
-# for the TERM_AT-th time overall, whether to stop (teacher: calls 1–6; stage one: 7–12).
-TERM_DRIVER = r"""
-import os, signal, sys
-from absl import app
-from distill import main, preemption
-original, calls = preemption.Watcher.reached, [0]
-def reached(self, step):
-  calls[0] += 1
-  if calls[0] == int(os.environ["TERM_AT"]):
-    os.kill(os.getpid(), signal.SIGTERM)
-  return original(self, step)
-preemption.Watcher.reached = reached
+from distill import checkpoints, main, preemption, train
+link, step = os.environ["STOP_AT"].rsplit(":", 1)
+current = [None]
+original_train = train.train
+def traced_train(**kwargs):
+  current[0] = kwargs["name"]
+  return original_train(**kwargs)
+train.train = traced_train
+if os.environ["STOP_HOW"] == "kill":
+  original_save = checkpoints.Checkpoints.save
+  def save(self, at, state, config):
+    original_save(self, at, state, config)
+    if current[0] == link and at == int(step):
+      os.kill(os.getpid(), signal.SIGKILL)
+  checkpoints.Checkpoints.save = save
+else:
+  original_reached = preemption.Watcher.reached
+  def reached(self, at):
+    if current[0] == link and at == int(step):
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original_reached(self, at)
+  preemption.Watcher.reached = reached
 sys.argv = ["distill.main"] + sys.argv[1:]
 app.run(main.main)
 """
@@ -99,63 +96,58 @@ def test_tiny_pipeline_runs_every_link(reference):
   assert not _equal(params["stage_two/N=2"], params["stage_two/N=1"])  # each halving trained
 
 
-def _cli(workdir, *, kill_at=None, extra=()):
+def _cli(cwd, workdir, *, stop_at=None, stop_how="kill", extra=()):
+  """``python -m distill.main`` started in ``cwd``, with paths relative to it, as a user types."""
   env = dict(os.environ)
-  args = [f"--config={REPO}/configs/digits.py:runlocal", f"--workdir={workdir}",
-          "--config.num_devices=1", "--config.stages=teacher,stage_one,stage_two", *extra]
-  if kill_at:
-    env["KILL_AT"] = kill_at
+  config = os.path.relpath(REPO / "configs" / "digits.py", cwd)
+  args = [f"--config={config}:runlocal", f"--workdir={workdir}", "--config.num_devices=1",
+          "--config.stages=teacher,stage_one,stage_two", *extra]
+  if stop_at:
+    env.update(STOP_AT=stop_at, STOP_HOW=stop_how)
     cmd = [sys.executable, "-c", DRIVER, *args]
   else:
     cmd = [sys.executable, "-m", "distill.main", *args]
-  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, reference):
-  workdir = tmp_path / "killed"
-  first = _cli(workdir, kill_at="stage_one:3")
-  assert first.returncode == -9, first.stderr[-2000:]
+def _steps(directory):
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_killed_and_preempted_runs_resume_bit_identically(tmp_path, reference):
+  """From another working directory with a relative --workdir, as README's command: SIGKILL in
+  stage one right after a checkpoint save starts, SIGTERM in a halving at a step that is not a
+  checkpoint step (it saves that step and exits 143), then the same command finishes the chain:
+  every link's parameters equal the uninterrupted run's, bit for bit; a rerun trains nothing."""
+  cwd = tmp_path / "elsewhere"
+  cwd.mkdir()
+  workdir = cwd / "runs" / "digits"
+  killed = _cli(cwd, "runs/digits", stop_at="stage_one:3")
+  assert killed.returncode == -9, killed.stderr[-2000:]
   stages = json.loads((workdir / "manifest.json").read_text())["stages"]
   assert "teacher" in stages and "stage_one" not in stages
-  second = _cli(workdir, kill_at="stage_two/N=2:3")
-  assert second.returncode == -9, second.stderr[-2000:]
-  stages = json.loads((workdir / "manifest.json").read_text())["stages"]
-  assert "stage_two/N=4" in stages and "stage_two/N=2" not in stages
-  third = _cli(workdir)
-  assert third.returncode == 0, third.stderr[-3000:]
-  assert "resuming from checkpoint" in third.stderr
+  assert _steps(workdir / "teacher" / "checkpoints") == [3, 6]  # saved under the relative path
+
+  preempted = _cli(cwd, "runs/digits", stop_at="stage_two/N=2:4", stop_how="term")
+  assert preempted.returncode == 143, preempted.stderr[-2000:]
+  assert "stage_one: resuming from checkpoint at step 3" in preempted.stderr
+  assert "stage_two/N=2: preempted (SIGTERM) at step 4" in preempted.stderr
+  assert _steps(workdir / "stage_two" / "N=2" / "checkpoints") == [3, 4]  # 3 by the interval
+
+  finished = _cli(cwd, "runs/digits")
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert "stage_two/N=2: resuming from checkpoint at step 4" in finished.stderr
+  # The run's progress: which link of how many, steps/s and the whole run's ETA.
+  assert re.search(r"stage_two/N=1 step 6/6: .* steps/s \| link 5/5, run ETA ≈\d+m\d\ds",
+                   finished.stderr), finished.stderr[-3000:]
   resumed, straight = final_params(workdir), final_params(reference)
   for name in straight:
     assert _equal(resumed[name], straight[name]), name
-  # A rerun of a finished pipeline trains nothing.
-  again = _cli(workdir)
+
+  again = _cli(cwd, "runs/digits")
   assert again.returncode == 0, again.stderr[-3000:]
   assert not re.search(r"\S+ step \d+/\d+: loss", again.stderr)
-
-
-def test_sigterm_saves_a_checkpoint_and_the_relaunch_resumes(tmp_path, reference):
-  workdir = tmp_path / "preempted"
-  env = dict(os.environ, TERM_AT="10")  # stage one, step 4: not a multiple of checkpoint_every
-  stages = "--config.stages=teacher,stage_one"  # the halvings resume as stage one does
-  args = [f"--config={REPO}/configs/digits.py:runlocal", f"--workdir={workdir}",
-          "--config.num_devices=1", stages]
-  first = subprocess.run([sys.executable, "-c", TERM_DRIVER, *args], env=env,
-                         capture_output=True, text=True, timeout=900)
-  assert first.returncode == 143, first.stderr[-2000:]
-  assert "stage_one: preempted (SIGTERM) at step 4" in first.stderr
-  assert sorted(int(p.name) for p in (workdir / "stage_one" / "checkpoints").iterdir()
-                if p.name.isdigit()) == [3, 4]  # 3 by the interval, 4 by the preemption
-  second = subprocess.run([sys.executable, "-m", "distill.main", *args], capture_output=True,
-                          text=True, timeout=900)
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert "stage_one: resuming from checkpoint at step 4" in second.stderr
-  config = tiny_config()
-  mesh = pipeline.make_mesh(config)
-  for link in pipeline.chain(config)[:2]:
-    assert link.name in ("teacher", "stage_one")
-    resumed, straight = (jax.device_get(pipeline.read_final_params(config, w, link, mesh))
-                         for w in (workdir, reference))
-    assert _equal(resumed, straight), link.name
+  assert "stage_one (link 2/5): complete" in again.stderr
 
 
 def test_changed_config_is_refused(reference):

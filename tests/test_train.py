@@ -133,30 +133,167 @@ def test_eight_devices_give_the_same_loss_as_one():
                results[1][1])
 
 
-def _nan_objective(params, frozen, batch, key):
-  loss = jnp.mean(batch["image"]) * 0.0 + jnp.nan + 0.0 * jax.tree.leaves(params)[0].sum()
-  return loss, {}
+@jax.custom_vjp
+def _scale_gradient(x, scale):
+  """``x`` on the forward pass; its gradient times ``scale`` on the backward pass."""
+  return x
 
 
-def test_non_finite_loss_skips_update_and_stops_run(tmp_path):
-  config = tiny_config(steps=10, **{"teacher.max_consecutive_nonfinite": 3})
+def _scale_gradient_fwd(x, scale):
+  return x, scale
+
+
+def _scale_gradient_bwd(scale, g):
+  return g * scale, jnp.zeros_like(scale)
+
+
+_scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def _least_squares(params, frozen, batch, key):
+  """A linear least-squares objective with real gradients. ``batch["loss_add"]`` (0, or
+  NaN/inf) is added to the loss only, so the gradient stays finite; ``batch["grad_scale"]``
+  (1, or inf) scales the gradient of ``w`` only, so the loss stays finite."""
+  del frozen, key
+  w = _scale_gradient(params["w"], jnp.mean(batch["grad_scale"]))
+  residual = batch["x"] @ w + params["b"] - batch["y"]
+  return jnp.mean(jnp.square(residual)) + jnp.mean(batch["loss_add"]), {}
+
+
+_SPOIL = {"nan_loss": ("loss_add", np.nan), "inf_loss": ("loss_add", np.inf),
+          "inf_gradient": ("grad_scale", np.inf)}
+
+
+def _least_squares_batches(num, spoiled=None):
+  """``num`` batches of 4 examples; ``spoiled`` maps a step to a ``_SPOIL`` kind."""
+  rng = np.random.default_rng(0)
+  batches = []
+  for i in range(num):
+    batch = {"x": rng.normal(size=(4, 3)).astype(np.float32),
+             "y": rng.normal(size=(4,)).astype(np.float32),
+             "loss_add": np.zeros((4,), np.float32), "grad_scale": np.ones((4,), np.float32)}
+    if spoiled and i in spoiled:
+      field, value = _SPOIL[spoiled[i]]
+      batch[field] = np.full((4,), value, np.float32)
+    batches.append(batch)
+  return batches
+
+
+def _nonfinite_config(**overrides):
+  return tiny_config(steps=10, **{"teacher.lr": 0.05, "teacher.warmup_steps": 0,
+                                  "teacher.lr_decay": "linear", **overrides})
+
+
+def _host_copy(tree):
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)  # the step donates its input
+
+
+def _leaves_equal(a, b):
+  return [bool(np.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                     strict=True)]
+
+
+_INIT = {"w": np.array([0.5, -1.0, 2.0], np.float32), "b": np.array(0.3, np.float32)}
+
+
+@pytest.mark.parametrize("kind", ["nan_loss", "inf_loss", "inf_gradient"])
+def test_non_finite_step_leaves_state_bitwise_unchanged(kind):
+  """Step 2 of 5 has a non-finite loss (finite gradient) or a finite loss with a non-finite
+  gradient, at a learning rate > 0, between steps with real gradients: params, EMA and
+  optimiser state stay bitwise what they were, the step and the skip counts advance, and the run
+  ends exactly where a run that never saw step 2 ends."""
+  config = _nonfinite_config()
   mesh = sharding.make_mesh(1)
   tx, schedule = train.make_optimizer(config.teacher)
-  params = {"w": jnp.ones((3,))}
-  step = train.make_train_step(_nan_objective, tx, schedule, ema_decay=0.5, mesh=mesh)
-  batch = sharding.global_batch(mesh, {"image": np.ones((2, 8, 8, 1), np.float32)})
-  state, metrics = step(train.init_state(params, tx), None, batch, jax.random.key(0))
-  np.testing.assert_array_equal(state.params["w"], np.ones(3))
-  np.testing.assert_array_equal(state.ema_params["w"], np.ones(3))
-  assert int(metrics["skipped"]) == 1 and int(state.skipped_in_row) == 1
-  assert int(state.step) == 1
+  step_fn = train.make_train_step(_least_squares, tx, schedule, ema_decay=0.5, mesh=mesh)
 
-  batches = input_pipeline.train_batches(config.data, global_batch_size=16, seed=0)
-  with pytest.raises(train.NonFiniteError, match="3 consecutive steps"):
-    train.train(name="teacher", stage_cfg=config.teacher, objective=_nan_objective,
-                init_params=lambda: {"w": jnp.ones((3,))}, frozen=None, batches=batches,
-                mesh=mesh, workdir=tmp_path, config=config, base_key=jax.random.key(0))
-  assert not (tmp_path / "checkpoints" / "10").exists()
+  def run(batches):
+    state = jax.device_put(train.init_state(_INIT, tx), sharding.replicated(mesh),
+                           may_alias=False)
+    states, metrics = [_host_copy(state)], []
+    for batch in batches:
+      state, m = step_fn(state, None, sharding.global_batch(mesh, batch), jax.random.key(0))
+      states.append(_host_copy(state))
+      metrics.append(jax.device_get(m))
+    return states, metrics
+
+  clean = _least_squares_batches(5)
+  states, metrics = run(_least_squares_batches(5, {2: kind}))
+  bad = metrics[2]
+  assert float(bad["learning_rate"]) > 0
+  if kind.endswith("loss"):
+    assert not np.isfinite(bad["loss"]) and np.isfinite(bad["grad_norm"]) and bad["grad_norm"] > 0
+  else:
+    assert np.isfinite(bad["loss"]) and not np.isfinite(bad["grad_norm"])
+  for i, (before, after) in enumerate(zip(states[:-1], states[1:])):
+    assert int(after.step) == i + 1
+    for part in ("params", "ema_params", "opt_state"):
+      same = _leaves_equal(getattr(before, part), getattr(after, part))
+      if i == 2:
+        assert all(same), (part, same)
+      else:  # every leaf moves on a good step: Adam's moments and counts, params, EMA
+        assert not any(same), (i, part, same)
+  assert [int(m["skipped"]) for m in metrics] == [0, 0, 1, 0, 0]
+  assert [int(s.skipped_total) for s in states[1:]] == [0, 0, 1, 1, 1]
+  assert [int(s.skipped_in_row) for s in states[1:]] == [0, 0, 1, 0, 0]
+  never_saw, _ = run(clean[:2] + clean[3:])
+  for part in ("params", "ema_params", "opt_state"):
+    assert all(_leaves_equal(getattr(states[-1], part), getattr(never_saw[-1], part))), part
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
+  """Limit 3 in a row: one skipped step, a good one, then four skipped of both kinds. The run
+  stops at the third in a row (step 7), not at the third in all (step 6); every checkpoint
+  (2, 4, 6) is finite, and 6 holds the parameters of 4."""
+  import grain  # pylint: disable=import-outside-toplevel
+  config = _nonfinite_config(**{"teacher.max_consecutive_nonfinite": 3,
+                                "teacher.checkpoint_every": 2, "teacher.log_every": 2})
+  mesh = sharding.make_mesh(1)
+  spoiled = {2: "nan_loss", 4: "inf_gradient", 5: "nan_loss", 6: "inf_gradient", 7: "nan_loss"}
+  batches = grain.MapDataset.source(_least_squares_batches(10, spoiled))
+  tx, _ = train.make_optimizer(config.teacher)
+  make_state = lambda: train.init_state(_INIT, tx)
+  with pytest.raises(train.NonFiniteError, match=r"3 consecutive steps \(up to step 7\)"):
+    train.train(name="teacher", stage_cfg=config.teacher, objective=_least_squares,
+                init_params=lambda: _INIT, frozen=None, batches=batches, mesh=mesh,
+                workdir=tmp_path, config=config, base_key=jax.random.key(0))
+  ckpts = checkpoints.Checkpoints(tmp_path / "checkpoints")
+  assert sorted(ckpts.all_steps()) == [2, 4, 6]
+  abstract = train.abstract_state(make_state, mesh)
+  step, last = ckpts.restore_latest(abstract)
+  ckpts.close()
+  assert step == 6 and int(last.step) == 6
+  assert int(last.skipped_total) == 3 and int(last.skipped_in_row) == 2
+  saved = {s: {key: checkpoints.read_params(tmp_path / "checkpoints" / str(s),
+                                            getattr(abstract, key), key=key)[1]
+               for key in ("params", "ema_params")} for s in (2, 4)}
+  for key in ("params", "ema_params"):
+    assert all(_leaves_equal(getattr(last, key), saved[4][key])), key
+    assert not any(_leaves_equal(saved[2][key], saved[4][key])), key
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(last))
+
+
+def test_checkpoint_refuses_a_non_finite_state(tmp_path):
+  """No checkpoint ever holds NaN or inf: ``save`` raises and leaves no step directory."""
+  tx, _ = train.make_optimizer(tiny_config().teacher)
+  state = train.init_state({"w": jnp.ones((3,)), "b": jnp.zeros(())}, tx)
+  spoil = lambda tree, value: jax.tree.map(
+      lambda x: x * value if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  ckpts = checkpoints.Checkpoints(tmp_path / "checkpoints")
+  ckpts.save(1, state, tiny_config())  # a finite state saves
+  ckpts.wait()
+  bad_states = {2: state.replace(params={"w": jnp.array([1.0, jnp.nan, 1.0]),
+                                         "b": jnp.zeros(())}),
+                3: state.replace(ema_params=spoil(state.ema_params, jnp.inf)),
+                4: state.replace(opt_state=spoil(state.opt_state, jnp.nan))}
+  for step, bad in bad_states.items():
+    with pytest.raises(FloatingPointError, match=f"refusing to checkpoint step {step}"):
+      ckpts.save(step, bad, tiny_config())
+  ckpts.close()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+  reopened = checkpoints.Checkpoints(tmp_path / "checkpoints")
+  assert reopened.all_steps() == [1]
+  reopened.close()
 
 
 @pytest.mark.parametrize("change,message", [

@@ -2,13 +2,22 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
+
 from distill import xla_cpu
 
 
-def test_the_package_option_is_in_this_process():
-  # conftest imports the package before any backend starts, so the option is in effect here
-  # (tests/test_bench.py checks that XLA then compiles no YNNPACK fusion).
+def test_this_process_compiles_without_ynnpack_fusions():
+  """conftest imports the package before JAX starts a backend, so XLA compiles this process's
+  programs with the option: a dot that XLA's defaults hand to a YNNPACK fusion compiles to none.
+  Fails if the option is missing or reached XLA_FLAGS after the backend started.
+  (tests/test_bench.py::test_xla_cpu_flags_quick checks, in fresh processes, that XLA's
+  defaults do make such fusions, so that a zero here is not vacuous.)"""
   assert xla_cpu.YNN_FUSION_FLAG + "=" in os.environ["XLA_FLAGS"].split()
+  a = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  hlo = jax.jit(lambda x, y: jnp.tanh(x @ y + 1.0)).lower(a, a).compile().as_text()
+  assert "__ynn_fusion" not in hlo
 
 
 def test_added_to_other_flags_and_only_once():

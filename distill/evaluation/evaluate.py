@@ -27,7 +27,7 @@ import time
 import numpy as np
 from etils import epath
 
-from distill import files, images, sample
+from distill import files, images, paths, progress, sample
 from distill.evaluation import features, metrics, report
 
 METHODS = ("teacher", "ddim", "student", "student_stochastic")
@@ -50,14 +50,16 @@ class Cell:
     return f"{self.method}_steps{self.steps}_w{self.w:g}_seed{self.seed}"
 
 
-def plan(config, workdir) -> list[Cell]:
+def plan(config, workdir=None, *, trained=None) -> list[Cell]:
+  """The cells of ``config.eval`` for the students in ``workdir`` (or with ``trained`` steps)."""
   cfg = config.eval
-  trained = set(sample.available_students(workdir))
+  trained = set(sample.available_students(workdir) if trained is None else trained)
   rows = [("teacher", int(cfg.teacher_steps))]
   rows += [("ddim", int(s)) for s in cfg.ddim_steps]
   for n in cfg.student_steps:
     if int(n) not in trained:
-      logging.warning("eval: no stage-two student with %d steps in %s; skipped.", n, workdir)
+      if workdir is not None:
+        logging.warning("eval: no stage-two student with %d steps in %s; skipped.", n, workdir)
       continue
     rows.append(("student", int(n)))
     if "stochastic" in cfg.samplers:
@@ -97,7 +99,7 @@ def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
 
 def run(config, workdir) -> epath.Path:
   """Computes the missing cells, then writes ``workdir/report/`` (table, figures, grids)."""
-  workdir = epath.Path(workdir)
+  workdir = epath.Path(paths.resolve(workdir))
   out = workdir / "report"
   extract, info = features.make_extractor(config, workdir)
   ref_stats = features.real_stats(config, extract, "train", out)
@@ -106,10 +108,12 @@ def run(config, workdir) -> epath.Path:
   floor = {"fid": metrics.frechet_distance(held_out[0], held_out[1], ref_stats[0], ref_stats[1]),
            "num_samples": held_out[2]}
   cells = plan(config, workdir)
+  tracker = progress.EvalProgress(cells, int(config.eval.num_samples))
   loaded = {}
   for cell in cells:
     path = out / "cells" / f"{cell.key}.json"
     if path.exists():
+      tracker.skip(cell.key)
       continue
     kind = "teacher" if cell.method in ("teacher", "ddim") else "student"
     model_key = (kind, None if kind == "teacher" else cell.steps)
@@ -123,8 +127,9 @@ def run(config, workdir) -> epath.Path:
                           pr_samples=int(config.eval.pr_samples),
                           class_accuracy=info["class_accuracy"])
     result.update(dataclasses.asdict(cell), nfe=cell.nfe, seconds=round(time.time() - t0, 1))
-    logging.info("eval %s: FID %.3f, IS %.2f, class accuracy %s (%.0f s)", cell.key,
-                 result["fid"], result["is"], result["class_accuracy"], result["seconds"])
+    logging.info("eval %s: FID %.3f, IS %.2f, class accuracy %s (%.0f s; %s)", cell.key,
+                 result["fid"], result["is"], result["class_accuracy"], result["seconds"],
+                 tracker.done(cell.key, result["seconds"]))
     if cell.seed == config.eval.seeds[0]:
       grid = images.grid(x[:100], rows=10) if len(x) >= 100 else images.grid(x, rows=1)
       images.save_png(grid, out / "grids" / f"{cell.method}_steps{cell.steps}_w{cell.w:g}.png",
@@ -133,3 +138,25 @@ def run(config, workdir) -> epath.Path:
   results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
   report.write(out, results, config=config, floor=floor, extractor=info)
   return out
+
+
+def summary(out, config, *, student_steps: int = 4) -> list[str]:
+  """The run's closing lines: where the report is, and the ``student_steps``-step student's
+  FID against the teacher's at every w (means over the seeds of ``config.eval``)."""
+  out = epath.Path(out)
+  results = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+  seeds = {int(s) for s in config.eval.seeds}
+  agg = report.aggregate([r for r in results if r["seed"] in seeds])
+  teacher_steps = int(config.eval.teacher_steps)
+  lines = [f"report: {out / 'table.md'} (figures and grids beside it)"]
+  pairs = []
+  for w in config.eval.w_values:
+    teacher = agg.get(("teacher", teacher_steps, float(w)))
+    student = agg.get(("student", student_steps, float(w)))
+    if teacher and student:
+      t, s = teacher["fid"][0], student["fid"][0]
+      pairs.append(f"w={float(w):g}: {s:.2f} vs {t:.2f} ({s / t:.2f}x)")
+  if pairs:
+    lines.append(f"FID, {student_steps}-step student vs teacher (guided DDIM, 2x{teacher_steps} "
+                 f"evaluations), {len(seeds)} seed(s): " + "; ".join(pairs))
+  return lines

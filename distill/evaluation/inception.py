@@ -22,6 +22,7 @@ this module's tree after checking every name and shape, so a wrong file is a one
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from distill import files
 
 NUM_LOGITS = 1008
 FEATURE_DIM = 2048
@@ -241,7 +244,9 @@ def load_variables(path):
       arrays = {k: data[k] for k in data.files}
   else:
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    arrays = load_file(path)
+    with files.safetensors_errors(path):
+      arrays = load_file(path)
+  files.check_finite(arrays, what=path)
   return variables_from_torch_arrays(arrays)
 
 
@@ -266,17 +271,37 @@ def convert(torch_file: str, out: str) -> None:
   """Converts the ``pytorch-fid`` weights file (needs PyTorch) to safetensors."""
   import torch  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  state = torch.load(torch_file, map_location="cpu")
+  # weights_only: the file is read as tensors only; a pickle that would run code is refused.
+  try:
+    state = torch.load(torch_file, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"--convert={torch_file}: torch.load(weights_only=True) failed "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): pass "
+                     "the pytorch-fid weights file pt_inception-2015-12-05-6726825d.pth.") from None
+  if not isinstance(state, dict):
+    raise ValueError(f"--convert={torch_file}: holds a {type(state).__name__}, not a state dict "
+                     "of tensors.")
   arrays = {k: v.numpy() for k, v in state.items() if k in torch_layout()}
   variables_from_torch_arrays(arrays)  # validates before writing
-  save_file(arrays, out)
+  files.check_finite(arrays, what=torch_file)
+  tmp = f"{out}.tmp"
+  save_file(arrays, tmp)  # then renamed: a half-written file never carries the final name
+  os.replace(tmp, out)
+
+
+def main(argv=None) -> None:
+  """``python -m distill.evaluation.inception --convert=FILE.pth --out=FILE.safetensors``."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from distill import cli, paths  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="python -m distill.evaluation.inception",
+                                   description="Convert the FID Inception weights.")
+  parser.add_argument("--convert", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+  parser.add_argument("--out", required=True, help="output .safetensors")
+  args = parser.parse_args(argv)
+  out = paths.resolve(args.out)
+  cli.run_cli(convert, paths.resolve(args.convert), out)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(description="Convert the FID Inception weights.")
-  parser.add_argument("--convert", required=True, help="pt_inception-2015-12-05-6726825d.pth")
-  parser.add_argument("--out", required=True, help="output .safetensors")
-  args = parser.parse_args()
-  convert(args.convert, args.out)
-  print(f"wrote {args.out}")
+  main()

@@ -94,8 +94,10 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
       f"- features: {extractor['features']}"
       + (f"; classifier held-out accuracy {extractor['classifier_held_out_accuracy']:.4f}"
          if "classifier_held_out_accuracy" in extractor else ""),
-      f"- {config.eval.num_samples} samples per cell and seed, {seeds} seeds (mean ± std); "
-      f"reference statistics: training split",
+      f"- {config.eval.num_samples} samples per cell and seed, "
+      + (f"{seeds} seeds (mean ± std)" if seeds > 1 else
+         "1 seed (no spread: --config.eval.seeds=0,1,2 gives mean ± std over 3)")
+      + "; reference statistics: training split",
       f"- real-vs-real floor: held-out split ({floor['num_samples']} images) vs training split, "
       f"FID {floor['fid']:.3f} (FID grows as the sample shrinks: compare at equal sizes)",
       "",
@@ -106,11 +108,13 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
     cells = []
     for w in w_values:
       a = agg[(m, s, w)]
-      cells.append(f"{a['fid'][0]:.3f} ± {a['fid'][1]:.3f} / {a['is'][0]:.2f} / "
+      spread = f" ± {a['fid'][1]:.3f}" if seeds > 1 else ""
+      cells.append(f"{a['fid'][0]:.3f}{spread} / {a['is'][0]:.2f} / "
                    f"{_percent(a['class_accuracy'][0])}")
     lines.append(f"| {LABELS[m]} | {s} | {agg[(m, s, w_values[0])]['nfe']} | "
                  + " | ".join(cells) + " |")
-  lines += ["", "Each cell: FID (mean ± std over seeds) / IS / class accuracy.", ""]
+  lines += ["", "Each cell: FID" + (" (mean ± std over seeds)" if seeds > 1 else "")
+            + " / IS / class accuracy.", ""]
   files.write_atomic(out / "table.md", "\n".join(lines))
   files.write_atomic(out / "report.json", json.dumps(
       {"floor": floor, "extractor": extractor, "cells": results}, indent=1, sort_keys=True))

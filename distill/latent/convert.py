@@ -303,12 +303,11 @@ def convert(checkpoint, original_config, output, *, tokenizer=None, extract_ema:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    out = convert(_CHECKPOINT.value, _ORIGINAL_CONFIG.value, _OUTPUT.value,
-                  tokenizer=_TOKENIZER.value, extract_ema=_EXTRACT_EMA.value,
-                  text_encoder_heads=_TEXT_HEADS.value)
-  except ConversionError as e:
-    raise SystemExit(f"error: {e}") from None
+  from distill import cli, paths  # pylint: disable=import-outside-toplevel
+  local = lambda flag: paths.resolve(flag.value) if flag.value else flag.value
+  out = cli.run_cli(convert, local(_CHECKPOINT), local(_ORIGINAL_CONFIG), local(_OUTPUT),
+                    tokenizer=local(_TOKENIZER), extract_ema=_EXTRACT_EMA.value,
+                    text_encoder_heads=_TEXT_HEADS.value)  # ConversionError: one line
   print(f"wrote {out}")
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from distill import config_validation, input_pipeline, manifest, pipeline, train
+from distill import cli, config_validation, input_pipeline, manifest, paths, pipeline, train
 from distill.latent import pretrained as pretrained_lib
 from distill.latent import teacher as teacher_lib
 from distill.latent import vae as vae_lib
@@ -160,10 +160,16 @@ def export(models: pretrained_lib.LatentModels, unet_params, out: epath.Path) ->
 
 def run(config, workdir) -> epath.Path:
   """Fine-tunes ``config.pretrained`` into a v-teacher; reruns resume, and return at once when
-  ``workdir/teacher_v`` is complete."""
-  workdir = epath.Path(workdir)
+  ``workdir/teacher_v`` is complete. Local paths (``workdir``, ``config.pretrained``,
+  ``data.data_dir``) are made absolute against the current directory."""
+  if not workdir:
+    raise ValueError("--workdir is missing: pass --workdir=DIR (a local path or gs://...).")
+  workdir = epath.Path(paths.resolve(workdir))
+  config = paths.resolve_config(config)
   mesh = pipeline.make_mesh(config)
   check_config(config, num_devices=mesh.size, process_count=jax.process_count())
+  if jax.process_index() == 0:
+    paths.check_writable(workdir)
   record = manifest.Manifest(workdir)
   record.check_config(config)
   out = workdir / OUTPUT
@@ -202,7 +208,7 @@ def main() -> None:
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(config.value, workdir.value)
+    cli.run_cli(run, config.value, workdir.value)
   app.run(_main)
 
 

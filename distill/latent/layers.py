@@ -3,7 +3,7 @@
 Every submodule is named after the diffusers parameter path with ``.N`` → ``_N``
 (``down_blocks.0.resnets.1.norm1`` → ``down_blocks_0/resnets_1/norm1``), so the weight import
 (``distill/latent/weights.py``) is a rename plus the PyTorch → Flax layout rules. The epsilons
-are the originals' (latent-space-facts.md §1–2): resnets ``norm_eps``, the transformer's
+are the originals' (docs/latent.md, "Numerics"): resnets ``norm_eps``, the transformer's
 GroupNorm 1e-6, its LayerNorms 1e-5; GEGLU uses the **exact** GELU.
 """
 

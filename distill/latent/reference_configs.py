@@ -1,6 +1,6 @@
 """Published configs of the full-size latent teachers, for sizing without weights.
 
-The diffusers ``config.json`` fields (latent-space-facts.md §1) of Stable Diffusion 1.5's U-Net,
+The diffusers ``config.json`` fields (docs/latent.md, "Sizes") of Stable Diffusion 1.5's U-Net,
 VAE and CLIP ViT-L/14 text encoder, and the diffusers equivalent of the LDM ``cin256-v2``
 U-Net and VQ-f4 first stage. ``jax.eval_shape`` of the modules built from them gives parameter counts and shapes
 (tests/test_latent_models.py, bench/latent_memory.py) without allocating anything.

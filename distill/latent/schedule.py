@@ -3,7 +3,7 @@
 Stable Diffusion and the LDM teachers are trained on ``T = 1000`` discrete steps with
 ``ᾱ_i = ∏_{j≤i} (1 − β_j)``, ``i = 0 … T−1`` (``scaled_linear``: ``β_i = (√β_0 + i/(T−1)·(√β_{T−1}
 − √β_0))²``). Our samplers and losses work in continuous time with a log-SNR function
-``λ(t)`` (DESIGN.md §1), so this module maps between the two:
+``λ(t)`` (docs/design.md §1.1 and §1.11), so this module maps between the two:
 
 * step ``i`` sits at ``t = (i + 1)/T``, so ``t = 1`` is the teacher's noisiest step and the
   student grid points ``t = k/N`` are diffusers' "trailing" timesteps;

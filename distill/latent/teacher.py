@@ -3,7 +3,7 @@
 SD and LDM teachers predict ε (SD 2 "v" models predict v) at a discrete timestep. Wrapped here
 with a ``DiscreteSchedule`` they become the same kind of ``denoise_fn(z, t)`` our samplers
 (``distill.diffusion``) and objectives (``distill.losses``) take, with ``logsnr_fn =
-schedule.logsnr``. Parameterisations (DESIGN.md §1): ``z = α x + σ ε``, ``v = α ε − σ x``, so
+schedule.logsnr``. Parameterisations (docs/design.md §1.2): ``z = α x + σ ε``, ``v = α ε − σ x``, so
 ``x̂ = (z − σ ε̂)/α = α z − σ v̂``.
 
 Paper §4.2 fine-tunes the public ε-prediction teachers into v-prediction teachers before

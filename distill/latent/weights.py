@@ -22,6 +22,8 @@ from etils import epath
 from flax import traverse_util
 from safetensors import safe_open
 
+from distill import files as distill_files
+
 # Buffers some files carry that are not parameters.
 IGNORED = ("text_model.embeddings.position_ids",)
 # Pre-0.14 diffusers attention names (SD 1.x VAE files) → current names.
@@ -61,8 +63,8 @@ def safetensors_files(folder, variant: str | None = None) -> list[epath.Path]:
   pickles = sorted(p.name for p in folder.glob("*") if p.suffix in _PICKLES)
   if not names and pickles:
     raise WeightsError(f"{folder}: only pickled weights ({', '.join(pickles)}); they are not "
-                       "unpickled here. Convert them to safetensors (README, 'Latent-space "
-                       "teachers').")
+                       "unpickled here. Convert them to safetensors (docs/latent.md, "
+                       "'CompVis checkpoints').")
   raise WeightsError(f"{folder}: expected one *{suffix} weight file, found "
                      f"{sorted(names) or 'none'}.")
 
@@ -71,12 +73,15 @@ def read_safetensors(files) -> dict[str, np.ndarray]:
   """All tensors of the files as float32 NumPy arrays (bf16 read through the Flax backend)."""
   tensors = {}
   for path in files:
-    with safe_open(str(path), framework="flax") as f:
+    mine = {}
+    with distill_files.safetensors_errors(path), safe_open(str(path), framework="flax") as f:
       for key in f.keys():
         value = f.get_tensor(key)
         if jnp.issubdtype(value.dtype, jnp.floating):
           value = value.astype(jnp.float32)
-        tensors[key] = np.asarray(value)
+        mine[key] = np.asarray(value)
+    distill_files.check_finite(mine, what=str(path))
+    tensors.update(mine)
   return tensors
 
 

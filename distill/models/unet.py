@@ -1,6 +1,6 @@
 """U-Net denoiser (NHWC) in the style of iDDPM / progressive distillation.
 
-The network maps ``(z_t, λ_t, label[, w])`` to a v-prediction (DESIGN.md §1):
+The network maps ``(z_t, λ_t, label[, w])`` to a v-prediction (docs/design.md §1.2, §1.10):
 
 * time enters as the log-SNR, mapped to a bounded value ``arctan(exp(-λ/2)) / (π/2)`` in (0, 1),
   scaled by 1000, then sinusoidal features → 2-layer MLP (the *time embedding*);

@@ -1,8 +1,10 @@
 """Settings shared by every config: sections ``data``, ``model``, and the run-wide fields.
 
-Each ``configs/<name>.py`` starts from ``base_config()`` and overrides what differs; its
-``get_config(arg)`` accepts ``runlocal`` (``--config=configs/<name>.py:runlocal``) for a CPU
-smoke run of the same code path.
+Each ``configs/<name>.py`` imports this module as a plain import,
+``from distill import config_common as common``, starts from ``base_config()`` and overrides
+what differs; its ``get_config(arg)`` accepts ``runlocal``
+(``--config=configs/<name>.py:runlocal``) for a CPU smoke run of the same code path
+(``parse_arg``, ``shrink_for_cpu``).
 """
 
 import ml_collections
@@ -83,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage_two.w_loss_weight = "uniform"  # as stage_one.w_loss_weight
   config.stage_two.w_sample_power = 1.0  # as stage_one.w_sample_power
   # Also train on the teacher's finer grid t = i/(2N), so a student with N steps serves the
-  # stochastic sampler (Eq. 4-7) with 2N evaluations (README, "Stage two").
+  # stochastic sampler (Eq. 4-7) with 2N evaluations (docs/pipeline.md, "Stage two in detail").
   config.stage_two.train_for_stochastic = True
   config.stage_two.dropout = 0.0
   config.stage_two.sample_w = (0.0, 1.0, 4.0)
@@ -100,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.student_steps = (1, 2, 4, 8, 16)
   config.eval.samplers = ("deterministic", "stochastic")
   config.eval.features = "digits"  # the project's digits classifier (digits-FID), or "inception"
-  config.eval.inception_weights = ""  # converted FID Inception-v3 file (README, "Evaluation")
+  config.eval.inception_weights = ""  # converted FID Inception-v3 file (docs/evaluation.md)
   config.eval.reference_samples = 50_000  # real images for the reference statistics (per split)
   config.eval.classifier_seed = 0
   config.eval.classifier_steps = 2000
