@@ -62,7 +62,11 @@ class Checkpoints:
     logging.getLogger("absl").addFilter(self._filter)
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=writable),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=writable,
+            # The step directory is made in save(), so a directory that cannot be written
+            # fails there, and no background thread is left waiting for it.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
         item_names=("state", "config"))
 
   def all_steps(self) -> list[int]:

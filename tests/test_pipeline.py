@@ -127,10 +127,14 @@ def test_killed_and_preempted_runs_resume_bit_identically(tmp_path, reference):
   stages = json.loads((workdir / "manifest.json").read_text())["stages"]
   assert "teacher" in stages and "stage_one" not in stages
   assert _steps(workdir / "teacher" / "checkpoints") == [3, 6]  # saved under the relative path
+  # The kill came while step 3 of stage one was being written: Orbax's atomic rename means it
+  # is either complete (a numbered directory) or absent, never half-trusted.
+  complete = _steps(workdir / "stage_one" / "checkpoints")
+  assert complete in ([], [3]), complete
 
   preempted = _cli(cwd, "runs/digits", stop_at="stage_two/N=2:4", stop_how="term")
   assert preempted.returncode == 143, preempted.stderr[-2000:]
-  assert "stage_one: resuming from checkpoint at step 3" in preempted.stderr
+  assert ("stage_one: resuming from checkpoint at step 3" in preempted.stderr) == bool(complete)
   assert "stage_two/N=2: preempted (SIGTERM) at step 4" in preempted.stderr
   assert _steps(workdir / "stage_two" / "N=2" / "checkpoints") == [3, 4]  # 3 by the interval
 
