@@ -33,7 +33,7 @@ setup(
         "tokenizers>=0.20",  # the CLIP BPE tokenizer of latent-space teachers
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11",
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "scipy>=1.11",
                  # tests/test_notebook.py executes the Colab demo.
                  "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
         # bench/peer_pytorch.py: the diffusers U-Net side by side (the CPU build of torch).

@@ -1,6 +1,7 @@
 """Peak resident memory of each stage of the digits pipeline, one process per stage.
 
     python bench/stage_memory.py [--config=configs/digits.py] [--workdir=DIR] [--quick]
+                                 [--stages=teacher,stage_one,stage_two,eval]
 
 Runs ``python -m distill.main --config.stages=<stage>`` for teacher, stage_one, stage_two and
 eval in turn on one workdir, each in its own process, and reads that process's peak resident
@@ -50,6 +51,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--steps", type=int, default=20, help="training steps per link")
   parser.add_argument("--quick", action="store_true", help="runlocal config, 2 steps")
   parser.add_argument("--json", default="", help="also write the results to this file")
+  parser.add_argument("--stages", default=",".join(STAGES),
+                      help="the stages to measure, in order (a later one needs the earlier)")
   args = parser.parse_args(argv)
   if args.quick:
     args.config = args.config if ":" in args.config else args.config + ":runlocal"
@@ -67,7 +70,11 @@ def main(argv=None) -> list[dict]:
   env = dict(os.environ)
   if not args.quick:
     env.pop("XLA_FLAGS", None)  # the pipeline's default XLA settings
-  results = [run_stage(args.config, workdir, stage, overrides, env) for stage in STAGES]
+  stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+  unknown = sorted(set(stages) - set(STAGES))
+  if unknown:
+    raise SystemExit(f"--stages: unknown {unknown}; choose from {','.join(STAGES)}")
+  results = [run_stage(args.config, workdir, stage, overrides, env) for stage in stages]
   print(f"# python bench/stage_memory.py {' '.join(argv)}")
   print(f"# {common.machine_line()}; workdir {workdir}")
   print("| stage | peak RSS (GiB) | wall (s, incl. start-up and compiles) |")

@@ -2,7 +2,7 @@
 
     python bench/stage_one_fid.py --workdir=DIR [--steps=1000,2000,3000] [--w=0,1]
         [--sampling_steps=64] [--reference=DIR_WITH_REPORT] [--config=configs/digits.py]
-        [--set stage_one.lr=1e-3 ...] [--teacher]
+        [--set stage_one.lr=1e-3 ...] [--teacher] [--teacher_checkpoints=4000,6000]
 
 For every checkpoint step given (default: all in ``DIR/stage_one/checkpoints``), samples
 ``eval.num_samples`` class-balanced digits with the deterministic DDIM sampler at
@@ -12,6 +12,8 @@ trained with that change the model (e.g. ``model.w_fourier_scale``). The classif
 reference statistics are read from (or cached in) ``--reference``/report. ``--teacher`` adds
 the workdir's teacher with guided DDIM at the same step count (two evaluations per step) as the
 yardstick: at w = 0 a perfect stage-one student matches its conditional branch.
+``--teacher_checkpoints`` adds the teacher's EMA parameters at those steps of
+``DIR/teacher/checkpoints`` (guided DDIM at the same step count): does the teacher still improve?
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
   parser.add_argument("--teacher", action="store_true",
                       help="also the teacher, guided DDIM at --sampling_steps")
+  parser.add_argument("--teacher_checkpoints", default="",
+                      help="also these teacher checkpoint steps, guided DDIM at --sampling_steps")
   args = parser.parse_args(argv)
   config = load_config(args.config)
   for item in args.set:
@@ -65,6 +69,13 @@ def main(argv=None) -> list[dict]:
   models = [(step, None) for step in steps]
   if args.teacher:
     models.append(("teacher", sample.load_model(args.workdir, "teacher", config=config)))
+  if args.teacher_checkpoints:
+    teacher = pipeline.teacher_model(config)
+    teacher_abstract = pipeline._abstract_params(teacher, config, sharding.make_mesh(1))  # pylint: disable=protected-access
+    for step in (int(s) for s in args.teacher_checkpoints.split(",")):
+      _, params = checkpoints.read_params(
+          pathlib.Path(args.workdir) / "teacher" / "checkpoints" / str(step), teacher_abstract)
+      models.append((f"teacher {step}", sample.LoadedModel("teacher", teacher, params, config)))
   for step, loaded in models:
     if loaded is None:
       _, params = checkpoints.read_params(directory / str(step), abstract, what="stage one")

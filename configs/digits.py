@@ -16,7 +16,8 @@ def get_config(arg=None):
   config.data.num_classes = 10
 
   # Sized for 2 CPU cores: the whole pipeline (teacher, stage one, seven halvings 128 -> 1)
-  # trains in about 25 minutes (BENCHMARKS.md).
+  # trains in about 24 minutes and the eval stage takes 12 more on an Intel Xeon (BENCHMARKS.md,
+  # "The digits pipeline: README's first command, stage by stage").
   config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1

@@ -61,14 +61,19 @@ class RunProgress:
     return f"link {self._index(name) + 1}/{len(self.links)}"
 
   def describe(self, name: str, done: int, steps_per_second: float) -> str:
-    """`` | link i/n, run ETA ≈…`` for a log line of link ``name`` at step ``done``."""
+    """`` | link i/n, run ETA ≈…`` for a log line of link ``name`` at step ``done``.
+
+    ``steps_per_second`` <= 0 (an interval that held the link's compiles, say) keeps the rate
+    measured before, if any."""
     i = self._index(name)
     current = self.links[i]
     current.done = done
-    if steps_per_second <= 0:
+    if steps_per_second > 0:
+      self._sample_seconds = 1.0 / (steps_per_second * STEP_COST[current.stage] *
+                                    current.batch_size)
+    if self._sample_seconds is None:
       return f" | {self.position(name)}"
-    per_unit = 1.0 / (steps_per_second * STEP_COST[current.stage] * current.batch_size)
-    self._sample_seconds = per_unit
+    per_unit = self._sample_seconds
     remaining = sum((link.num_steps - link.done) * STEP_COST[link.stage] * link.batch_size
                     for link in self.links[i:]) * per_unit
     remaining += self.eval_seconds_estimate()

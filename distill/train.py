@@ -207,11 +207,13 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
         writer.write_scalars(done, scalars)
         now = time.time()
         rate = (done - step_log) / max(now - t_log, 1e-9)
+        # The first interval holds the compiles: the run's ETA keeps the rate measured before.
+        eta_rate = rate if step_log > start else 0.0
         t_log, step_log = now, done
         logging.info("%s step %d/%d: loss %.5f, grad norm %.3f, lr %.2e, skipped %d, %.1f s, "
                      "%.1f steps/s%s", name, done, num_steps, scalars["loss"],
                      scalars["grad_norm"], scalars["learning_rate"], scalars["skipped_total"],
-                     now - t0, rate, progress.describe(name, done, rate) if progress else "")
+                     now - t0, rate, progress.describe(name, done, eta_rate) if progress else "")
       if sample_fn is not None and stage_cfg.sample_every and (
           done % stage_cfg.sample_every == 0 or done == num_steps):
         samples, rows = sample_fn(state)

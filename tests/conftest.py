@@ -32,6 +32,15 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """The suite runs on two pytest-xdist workers (pytest.ini): every test that uses the tiny
+  pipeline goes to one worker, so that the pipeline is trained once per run."""
+  for item in items:
+    if "tiny_pipeline" in item.fixturenames:
+      item.add_marker(pytest.mark.xdist_group("tiny_pipeline"))
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
   """A workdir with the whole tiny digits pipeline (teacher → stage one → halvings 8 → 1) run

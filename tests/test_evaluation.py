@@ -53,6 +53,26 @@ def test_report_has_one_cell_per_method_steps_w(tiny_pipeline):
   assert (report / "grids" / "student_steps2_w1.png").is_file()
 
 
+def test_closing_summary_is_the_students_row_against_the_teachers(tiny_pipeline):
+  """The run's last lines, worked out from the cell files: the 2-step student's FID over the
+  teacher's at every w, each the mean over the seeds."""
+  config = load_config("digits:runlocal")
+  out = tiny_pipeline / "report"
+  lines = evaluate.summary(out, config, student_steps=2)
+  assert lines[0] == f"report: {out / 'table.md'} (figures and grids beside it)"
+
+  def mean_fid(method, steps, w):
+    return np.mean([json.loads((out / "cells" / f"{method}_steps{steps}_w{w:g}_seed{seed}.json")
+                               .read_text())["fid"] for seed in config.eval.seeds])
+
+  pairs = []
+  for w in config.eval.w_values:
+    s, t = mean_fid("student", 2, w), mean_fid("teacher", config.eval.teacher_steps, w)
+    pairs.append(f"w={w:g}: {s:.2f} vs {t:.2f} ({s / t:.2f}x)")
+  assert lines[1] == ("FID, 2-step student vs teacher (guided DDIM at 4 steps, 2 evaluations "
+                      "each), 2 seed(s): " + "; ".join(pairs))
+
+
 def test_eval_is_resumable(tiny_pipeline):
   """A finished cell is not recomputed: an edited cell file survives a rerun of the stage."""
   config = load_config("digits:runlocal")

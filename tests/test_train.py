@@ -352,16 +352,10 @@ def test_data_is_a_pure_function_of_step_and_process():
   assert train_x.min() == -1.0 and train_x.max() == 1.0
 
 
-def test_cli_runs_with_flag_overrides_and_refuses_missing_workdir(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                                   "--xla_backend_optimization_level=0")
+def test_cli_refuses_a_missing_workdir(tmp_path):
+  """One line, before anything is built. (The CLI with flag overrides, from another directory
+  and through a resume, is tests/test_pipeline.py's kill-and-resume scenario.)"""
   base = [sys.executable, "-m", "distill.main", f"--config={REPO}/configs/digits.py:runlocal"]
-  bad = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(base, cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--workdir is missing" in bad.stderr
-  ok = subprocess.run(base + [f"--workdir={tmp_path}/run", "--config.stages=teacher",
-                              "--config.teacher.num_train_steps=2",
-                              "--config.teacher.checkpoint_every=2"],
-                      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-  assert ok.returncode == 0, ok.stderr[-3000:]
-  assert "teacher step 2/2" in ok.stderr
-  assert (tmp_path / "run" / "teacher" / "checkpoints" / "2").is_dir()
+  assert not list(tmp_path.iterdir())

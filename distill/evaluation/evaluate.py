@@ -157,6 +157,6 @@ def summary(out, config, *, student_steps: int = 4) -> list[str]:
       t, s = teacher["fid"][0], student["fid"][0]
       pairs.append(f"w={float(w):g}: {s:.2f} vs {t:.2f} ({s / t:.2f}x)")
   if pairs:
-    lines.append(f"FID, {student_steps}-step student vs teacher (guided DDIM, 2x{teacher_steps} "
-                 f"evaluations), {len(seeds)} seed(s): " + "; ".join(pairs))
+    lines.append(f"FID, {student_steps}-step student vs teacher (guided DDIM at {teacher_steps} "
+                 f"steps, 2 evaluations each), {len(seeds)} seed(s): " + "; ".join(pairs))
   return lines
