@@ -65,8 +65,8 @@ def get_config(arg=None):
   config.stage_two.sample_every = 800
 
   # Every method, step count and w of the Table-1 comparison, with one seed of 1000 samples per
-  # cell so that the report is ready within the first half hour; --config.eval.seeds=0,1,2
-  # gives the mean ± std over three (docs/evaluation.md).
+  # cell: a third of the eval time of three seeds. --config.eval.seeds=0,1,2 gives the
+  # mean ± std over three (docs/evaluation.md).
   config.eval.seeds = (0,)
   if args.get("runlocal"):
     common.shrink_for_cpu(config)
