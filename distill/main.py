@@ -50,11 +50,11 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.multihost:
     initialize_distributed(jax)
-  from distill import cli, paths, pipeline, preemption  # pylint: disable=import-outside-toplevel
+  from distill import cli, pipeline, preemption  # pylint: disable=import-outside-toplevel
   logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
-    cli.run_cli(pipeline.run, FLAGS.config, paths.resolve(FLAGS.workdir or ""))
+    cli.run_cli(pipeline.run, FLAGS.config, FLAGS.workdir)  # paths resolved there
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_STATUS)
