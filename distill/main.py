@@ -10,6 +10,9 @@ Relative paths (``--workdir``, ``teacher.checkpoint``, ``eval.inception_weights`
 ``data.data_dir``) are taken against the current directory; bad input ends in one line
 (``error: …``, exit status 1).
 
+Compiled programs are kept in JAX's persistent compilation cache (``--compilation_cache_dir``;
+``distill/compilation_cache.py``), so later halvings and reruns do not compile them again.
+
 Preemption: a SIGTERM during training saves a checkpoint of the current step and exits with
 status 143; rerunning the same command resumes there.
 """
@@ -30,6 +33,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "With --multihost off Cloud TPU: host:port of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "With --multihost off Cloud TPU: process count.")
 flags.DEFINE_integer("process_id", None, "With --multihost off Cloud TPU: this process's index.")
+flags.DEFINE_string("compilation_cache_dir", None,
+                    "JAX's persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR, "
+                    "else ~/.cache/distill/jax); an empty value turns it off.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -50,7 +56,11 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.multihost:
     initialize_distributed(jax)
-  from distill import cli, pipeline, preemption  # pylint: disable=import-outside-toplevel
+  from distill import (cli, compilation_cache, pipeline,  # pylint: disable=import-outside-toplevel
+                       preemption)
+  cache = FLAGS.compilation_cache_dir
+  cli.run_cli(compilation_cache.enable,
+              compilation_cache.default_directory() if cache is None else cache)
   logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:

@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from distill import checkpoints, cli, denoiser, diffusion, images, models, paths, pipeline, sharding
+from distill import (checkpoints, cli, compilation_cache, denoiser, diffusion, images, models, paths,
+                     pipeline, sharding)
 
 MODELS = ("teacher", "stage_one", "student")
 SAMPLERS = ("deterministic", "stochastic")
@@ -192,7 +193,12 @@ def _main(argv):
   parser.add_argument("--per_row", type=int, default=10, help="samples per w")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/samples)")
+  parser.add_argument("--compilation_cache_dir", default=None,
+                      help="JAX's persistent compilation cache (default: "
+                      "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/distill/jax); '' turns it off")
   args = parser.parse_args(argv)
+  compilation_cache.enable(compilation_cache.default_directory()
+                           if args.compilation_cache_dir is None else args.compilation_cache_dir)
   args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
 
   w_values = [float(v) for v in args.w.split(",") if v.strip()]

@@ -139,8 +139,10 @@ def test_killed_and_preempted_runs_resume_bit_identically(tmp_path, reference):
   assert "stage_two/N=2: preempted (SIGTERM) at step 4" in preempted.stderr
   assert _steps(workdir / "stage_two" / "N=2" / "checkpoints") == [3, 4]  # 3 by the interval
 
-  finished = _cli(cwd, "runs/digits")
+  finished = _cli(cwd, "runs/digits", extra=("--compilation_cache_dir=cache",))
   assert finished.returncode == 0, finished.stderr[-3000:]
+  # Its compiled programs went to the cache directory it was given, relative to where it ran.
+  assert any(p.name.startswith("jit_step-") for p in (cwd / "cache").iterdir())
   assert "stage_two/N=2: resuming from checkpoint at step 4" in finished.stderr
   # The run's progress: which link of how many, steps/s and the whole run's ETA.
   assert re.search(r"stage_two/N=1 step 6/6: .* steps/s \| link 5/5, run ETA ≈\d+m\d\ds",
