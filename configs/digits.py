@@ -16,8 +16,8 @@ def get_config(arg=None):
   config.data.num_classes = 10
 
   # Sized for 2 CPU cores: the whole pipeline (teacher, stage one, seven halvings 128 -> 1)
-  # trains in about 24 minutes and the eval stage takes 12 more on an Intel Xeon (BENCHMARKS.md,
-  # "The digits pipeline: README's first command, stage by stage").
+  # trains in 24 to 32 minutes and the eval stage takes 7 to 10 more, on the Intel Xeons measured
+  # (BENCHMARKS.md, "The default run with the compilation cache and the 2×128 reference").
   config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1
