@@ -30,7 +30,7 @@ import optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import models, pipeline  # noqa: E402
+from distill import family, models  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 
 MODELS = {"digits": ("digits", 64), "cifar10": ("cifar10", 8)}
@@ -56,7 +56,7 @@ def peer_unet(config):
 
 def ours(config, batch: int):
   """Jitted forward and train step (MSE + Adam) of our teacher U-Net."""
-  model = pipeline.teacher_model(config)
+  model = family.of(config).teacher
   params = models.init_params(model, jax.random.key(0), models.model_input_shape(config))
   tx = optax.adam(1e-4)
   shape = models.model_input_shape(config, batch)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import denoiser, models, pipeline, sample  # noqa: E402
+from distill import denoiser, family, models, sample  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 
 # Model → (config, batch): digits at an evaluation batch; CIFAR-10 at a small batch.
@@ -80,19 +80,20 @@ def bench_model(name: str, spec: str, batch: int, steps: list[int], teacher_step
                 samplers: tuple[str, ...] = ("deterministic", "stochastic")) -> dict:
   config = load_config(spec)
   shape = models.model_input_shape(config)
-  teacher, student = pipeline.teacher_model(config), pipeline.student_model(config)
+  fam = family.of(config)
+  teacher, student = fam.teacher, fam.student
   t_params = models.init_params(teacher, jax.random.key(0), shape)
   s_params = models.init_params(student, jax.random.key(1), shape)
   z, labels, w = _inputs(config, batch)
   t = jnp.full((batch,), 0.5)
-  forward = jax.jit(lambda p, z, t, y, w: denoiser.x_prediction(student, p, z, t, y, w))
+  forward = jax.jit(lambda p, z, t, y, w: denoiser.x_prediction(fam, student, p, z, t, y, w))
   fwd, fwd_info = _warm(forward, (s_params, z, t, labels, w), warmup)
   result = {"model": name, "config": spec, "batch": batch, "warmup": warmup,
             "params": models.param_count(s_params), "forward_warmup": fwd_info, "samplers": []}
   key = jax.random.key(2)
   for kind in samplers:
     for n in steps:
-      run = sample._compiled_sampler(student, False, kind, n)  # pylint: disable=protected-access
+      run = sample._compiled_sampler(fam, False, kind, n)  # pylint: disable=protected-access
       fn, info = _warm(run, (s_params, z, labels, w, key), warmup)
       # Each sampler run is followed by min(N, 16) forward passes: the reference N × forward
       # is measured beside the sampler it is compared with.

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import losses, models, pipeline, sharding, train  # noqa: E402
+from distill import family, losses, models, pipeline, sharding, train  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 
 # Dense bfloat16 peak per chip (vendor data sheets) and memory per chip.
@@ -50,16 +50,17 @@ def _abstract_batch(config, batch: int):
 def stage_steps(config, mesh):
   """``{stage: (jitted step, abstract state, abstract frozen)}`` for stage one and two."""
   shape = models.model_input_shape(config)
-  teacher, student = pipeline.teacher_model(config), pipeline.student_model(config)
+  fam = family.of(config)
+  teacher, student = fam.teacher, fam.student
   t_params = jax.eval_shape(lambda: models.init_params(teacher, jax.random.key(0), shape))
   s_params = jax.eval_shape(lambda: models.init_params(student, jax.random.key(0), shape))
   w = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
   two = pipeline.halving_section(config, 4)
   out = {}
   for name, objective, section, frozen in (
-      ("stage_one", losses.stage_one_objective(student, teacher, **w), config.stage_one,
+      ("stage_one", losses.stage_one_objective(fam, **w), config.stage_one,
        t_params),
-      ("stage_two", losses.stage_two_objective(student, **w), two,
+      ("stage_two", losses.stage_two_objective(fam, **w), two,
        {"params": s_params, "num_student_steps": jax.ShapeDtypeStruct((), jnp.int32)})):
     tx, schedule = train.make_optimizer(section)
     step = train.make_train_step(objective, tx, schedule, ema_decay=section.ema_decay, mesh=mesh)

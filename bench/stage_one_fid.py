@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import checkpoints, pipeline, sample, sharding  # noqa: E402
+from distill import checkpoints, family, pipeline, sample, sharding  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 from distill.evaluation import evaluate, features  # noqa: E402
 
@@ -58,8 +58,8 @@ def main(argv=None) -> list[dict]:
   ref_stats = features.real_stats(config, extract, "train",
                                   pathlib.Path(reference) / "report")
   real = features.real_features(config, extract, "train", int(config.eval.pr_samples))
-  model = pipeline.student_model(config)
-  abstract = pipeline._abstract_params(model, config, sharding.make_mesh(1))  # pylint: disable=protected-access
+  fam = family.of(config)
+  abstract = pipeline.abstract_params(fam, "stage_one", sharding.make_mesh(1))
   directory = pathlib.Path(args.workdir) / "stage_one" / "checkpoints"
   steps = ([int(s) for s in args.steps.split(",")] if args.steps else
            sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()))
@@ -70,16 +70,15 @@ def main(argv=None) -> list[dict]:
   if args.teacher:
     models.append(("teacher", sample.load_model(args.workdir, "teacher", config=config)))
   if args.teacher_checkpoints:
-    teacher = pipeline.teacher_model(config)
-    teacher_abstract = pipeline._abstract_params(teacher, config, sharding.make_mesh(1))  # pylint: disable=protected-access
+    teacher_abstract = pipeline.abstract_params(fam, "teacher", sharding.make_mesh(1))
     for step in (int(s) for s in args.teacher_checkpoints.split(",")):
       _, params = checkpoints.read_params(
           pathlib.Path(args.workdir) / "teacher" / "checkpoints" / str(step), teacher_abstract)
-      models.append((f"teacher {step}", sample.LoadedModel("teacher", teacher, params, config)))
+      models.append((f"teacher {step}", sample.LoadedModel("teacher", fam, params, config)))
   for step, loaded in models:
     if loaded is None:
       _, params = checkpoints.read_params(directory / str(step), abstract, what="stage one")
-      loaded = sample.LoadedModel("stage_one", model, params, config, None)
+      loaded = sample.LoadedModel("stage_one", fam, params, config, None)
     for w in (float(v) for v in args.w.split(",")):
       x = sample.generate(loaded, sampler="deterministic", num_steps=args.sampling_steps,
                           labels=labels, w=np.full(n, w), seed=0,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import models, pipeline  # noqa: E402
+from distill import family, models  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 from distill.models import layers, unet  # noqa: E402
 
@@ -54,7 +54,7 @@ def _layers(name: str):
 def compiled_gradients(spec: str, batch: int) -> tuple[dict, tuple]:
   """``{layer set: compiled gradient}`` and its arguments ``(params, key)``."""
   config = load_config(spec)
-  model = pipeline.teacher_model(config)
+  model = family.of(config).teacher
   params = models.init_params(model, jax.random.key(0), models.model_input_shape(config))
   shape = models.model_input_shape(config, batch)
   z = jax.random.normal(jax.random.key(1), shape)

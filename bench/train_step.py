@@ -28,7 +28,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import input_pipeline, losses, models, pipeline, sharding, train  # noqa: E402
+from distill import family, input_pipeline, losses, models, pipeline, sharding, train  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 
 
@@ -85,9 +85,10 @@ def timed_rows(rows: list[dict], steps: int) -> list[dict]:
 def breakdown(config, mesh) -> list[dict]:
   """Teacher step pieces: loss+grad only, forward only, and without attention."""
   shape = models.model_input_shape(config)
-  teacher = pipeline.teacher_model(config)
+  fam = family.of(config)
+  teacher = fam.teacher
   params = models.init_params(teacher, jax.random.key(0), shape)
-  objective = losses.teacher_objective(teacher, p_uncond=0.1)
+  objective = losses.teacher_objective(fam, p_uncond=0.1)
   batch = sharding.global_batch(mesh, input_pipeline.train_batches(
       config.data, global_batch_size=config.teacher.batch_size, seed=0)[0])
   key = jax.random.key(0)
@@ -104,8 +105,8 @@ def breakdown(config, mesh) -> list[dict]:
   ]
   no_attn = config.copy_and_resolve_references()
   no_attn.model.attn_resolutions = ()
-  plain = pipeline.teacher_model(no_attn)
-  p_plain = models.init_params(plain, jax.random.key(0), shape)
+  plain = family.of(no_attn)
+  p_plain = models.init_params(plain.teacher, jax.random.key(0), shape)
   obj_plain = losses.teacher_objective(plain, p_uncond=0.1)
   rows.append(make_step("teacher step without attention blocks", obj_plain, p_plain, None,
                         no_attn.teacher, no_attn, mesh))
@@ -130,19 +131,19 @@ def main(argv=None) -> dict:
     section.batch_size = batch  # the same batch for every stage
   mesh = sharding.make_mesh(1)
   shape = models.model_input_shape(config)
-  teacher = pipeline.teacher_model(config)
-  student = pipeline.student_model(config)
+  fam = family.of(config)
+  teacher, student = fam.teacher, fam.student
   t_params = models.init_params(teacher, jax.random.key(0), shape)
   s_params = models.student_params_from_teacher(
       t_params, models.init_params(student, jax.random.key(1), shape))
   w = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
   two = pipeline.halving_section(config, 4)
   stages = [
-      make_step("teacher", losses.teacher_objective(teacher, p_uncond=0.1), t_params, None,
+      make_step("teacher", losses.teacher_objective(fam, p_uncond=0.1), t_params, None,
                 config.teacher, config, mesh),
-      make_step("stage_one", losses.stage_one_objective(student, teacher, **w), s_params,
+      make_step("stage_one", losses.stage_one_objective(fam, **w), s_params,
                 t_params, config.stage_one, config, mesh),
-      make_step("stage_two", losses.stage_two_objective(student, **w), s_params,
+      make_step("stage_two", losses.stage_two_objective(fam, **w), s_params,
                 {"params": s_params, "num_student_steps": jnp.int32(4)}, two, config, mesh),
   ]
   pieces = breakdown(config, mesh)

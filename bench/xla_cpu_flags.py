@@ -39,11 +39,12 @@ def worker(spec: str, batch: int, runs: int, out: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from distill import denoiser, models, pipeline  # pylint: disable=import-outside-toplevel
+  from distill import denoiser, family, models  # pylint: disable=import-outside-toplevel
   from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
 
   config = load_config(spec)
-  student = pipeline.student_model(config)
+  fam = family.of(config)
+  student = fam.student
   params = models.init_params(student, jax.random.key(1), models.model_input_shape(config))
   z = jax.random.normal(jax.random.key(0), models.model_input_shape(config, batch))
   t = jnp.linspace(0.05, 0.95, batch)
@@ -51,11 +52,11 @@ def worker(spec: str, batch: int, runs: int, out: str) -> None:
   w = jnp.full((batch,), 1.0)
 
   def loss(p):
-    x = denoiser.x_prediction(student, p, z, t, labels, w, train=True,
+    x = denoiser.x_prediction(fam, student, p, z, t, labels, w, train=True,
                               rngs={"dropout": jax.random.key(3)})
     return jnp.mean(jnp.square(x))
 
-  forward = jax.jit(lambda p: denoiser.x_prediction(student, p, z, t, labels, w))
+  forward = jax.jit(lambda p: denoiser.x_prediction(fam, student, p, z, t, labels, w))
   grad = jax.jit(jax.grad(loss))
   result = {"ynn_fusions": forward.lower(params).compile().as_text().count("__ynn_fusion")}
   for name, fn in (("forward", forward), ("grad", grad)):

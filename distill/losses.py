@@ -1,7 +1,9 @@
 """Training objectives: weighting, the teacher's loss, stage one (Eq. 3) and stage two.
 
 An *objective* is a pure function ``(params, frozen, batch, key) -> (loss, metrics)``; it is the
-only thing a stage gives the shared training loop (``distill/train.py``). ``frozen`` holds what
+only thing a stage gives the shared training loop (``distill/train.py``). Each sees its teacher
+and student through a denoiser family (``distill/family.py``): the family's networks, schedule,
+null condition and ``batch -> (x, cond)``. ``frozen`` holds what
 the stage does not train: ``None`` for the teacher, the teacher's parameters for stage one, and
 ``{"params": teacher_params, "num_student_steps": N}`` for stage two (``N`` as an array, so
 every halving runs the same compiled step).
@@ -38,32 +40,33 @@ def weighted_x_loss(x_pred, x_target, logsnr):
   return snr_trunc_weight(logsnr) * _per_example_mean(x_pred - x_target)
 
 
-def _noisy_batch(x, key, t):
+def _noisy_batch(family, x, key, t):
   """``(z_t, λ_t)`` for data ``x`` at per-example times ``t``: ``z_t = α_t x + σ_t ε``."""
-  logsnr = schedules.cosine_logsnr(t)
+  logsnr = family.logsnr_fn(t)
   eps = jax.random.normal(key, x.shape, x.dtype)
   return diffusion.diffuse(x, eps, logsnr), logsnr
 
 
-def teacher_objective(model, *, p_uncond: float):
-  """Classifier-free-guided teacher (v-prediction), ``t ~ U[0, 1]``, label dropout.
+def teacher_objective(family, *, p_uncond: float):
+  """Classifier-free-guided teacher (v-prediction), ``t ~ U[0, 1]``, condition dropout.
 
-  With probability ``p_uncond`` an example's label is replaced by the null label, so one network
-  learns both ``x̂_c`` and ``x̂_u``. Loss: SNR-truncated weighting.
+  With probability ``p_uncond`` an example's condition is replaced by the null condition, so one
+  network learns both ``x̂_c`` and ``x̂_u``. Loss: SNR-truncated weighting.
   """
   def objective(params, frozen, batch, key):
     del frozen
-    x, labels = batch["image"], batch["label"]
+    x, cond = family.x_and_cond(batch)
     b = x.shape[0]
     k_t, k_eps, k_drop, k_dropout = jax.random.split(key, 4)
     t = jax.random.uniform(k_t, (b,))
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
-    logsnr = schedules.cosine_logsnr(t)
+    logsnr = family.logsnr_fn(t)
     z = diffusion.diffuse(x, eps, logsnr)
     drop = jax.random.bernoulli(k_drop, p_uncond, (b,))
-    labels = jnp.where(drop, model.null_label, labels)
-    v = model.apply({"params": params}, z, logsnr, labels, train=True,
-                    rngs={"dropout": k_dropout})
+    cond = jax.tree.map(lambda c, n: jnp.where(diffusion.per_example(drop, c, "cond"), n, c),
+                        cond, family.null_cond(cond))
+    v = family.v_hat(family.teacher, params, z, t, cond, train=True,
+                     rngs={"dropout": k_dropout})
     x_pred = diffusion.x_from_v(z, v, logsnr)
     eps_pred = diffusion.eps_from_v(z, v, logsnr)
     loss = jnp.mean(snr_trunc_loss(x, x_pred, eps, eps_pred))
@@ -85,7 +88,7 @@ def w_loss_weight(w, kind: str):
   raise ValueError(f"w_loss_weight={kind!r} is not one of {list(W_WEIGHTINGS)}.")
 
 
-def stage_one_objective(student, teacher, *, w_min: float, w_max: float,
+def stage_one_objective(family, *, w_min: float, w_max: float, dropout: float = 0.0,
                         w_weighting: str = "uniform", w_power: float = 1.0):
   """Stage one (paper §3.1, Eq. 3, Algorithm 1): learn the guided teacher with one network.
 
@@ -93,20 +96,22 @@ def stage_one_objective(student, teacher, *, w_min: float, w_max: float,
   the frozen teacher's ``(1+w)·x̂_c − w·x̂_u`` from one batched forward pass (conditional and
   null-label halves concatenated); the loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̂^w_θ(z_t)‖²``.
   ``frozen`` is the teacher's parameters. ``w_weighting`` multiplies each example's loss by
-  ``w_loss_weight(w, w_weighting)``; ``w_power`` shapes the draw of w (``guidance.sample_w``).
+  ``w_loss_weight(w, w_weighting)``; ``w_power`` shapes the draw of w (``guidance.sample_w``);
+  ``dropout`` is the student's while it trains.
   """
   w_loss_weight(jnp.zeros(()), w_weighting)  # a bad name fails here, before tracing
+  student = family.student_net(dropout)
 
   def objective(params, frozen, batch, key):
-    x, labels = batch["image"], batch["label"]
+    x, cond = family.x_and_cond(batch)
     b = x.shape[0]
     k_t, k_eps, k_w, k_dropout = jax.random.split(key, 4)
     t = jax.random.uniform(k_t, (b,))
     w = guidance.sample_w(k_w, b, w_min, w_max, power=w_power)
-    z, logsnr = _noisy_batch(x, k_eps, t)
+    z, logsnr = _noisy_batch(family, x, k_eps, t)
     target = jax.lax.stop_gradient(
-        denoiser.guided_x_prediction(teacher, frozen, z, t, labels, w))
-    x_pred = denoiser.x_prediction(student, params, z, t, labels, w, train=True,
+        denoiser.guided_x_prediction(family, frozen, z, t, cond, w))
+    x_pred = denoiser.x_prediction(family, student, params, z, t, cond, w, train=True,
                                    rngs={"dropout": k_dropout})
     loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_x_loss(x_pred, target, logsnr))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
@@ -158,28 +163,32 @@ def stage_two_times(key, batch_size: int, num_student_steps, *, for_stochastic: 
   return i.astype(jnp.float32) / grid.astype(jnp.float32)
 
 
-def stage_two_objective(student, *, w_min: float, w_max: float, for_stochastic: bool = False,
-                        w_weighting: str = "uniform", w_power: float = 1.0):
+def stage_two_objective(family, *, w_min: float, w_max: float, for_stochastic: bool = False,
+                        w_weighting: str = "uniform", w_power: float = 1.0,
+                        dropout: float = 0.0):
   """Stage two (Algorithm 2): one student step does what two teacher steps do.
 
   The teacher is the previous student (same network, frozen parameters); ``w`` is shared by
   teacher and student. Loss ``ω(λ_t)·‖x̂_η(z_t, w) − x̃‖²`` with ``x̃ = stage_two_target``.
   ``frozen = {"params": teacher_params, "num_student_steps": N}``; ``w_weighting`` and
-  ``w_power`` as in ``stage_one_objective``.
+  ``w_power`` and ``dropout`` as in ``stage_one_objective``. The target's DDIM steps are on the
+  family's schedule.
   """
   w_loss_weight(jnp.zeros(()), w_weighting)
+  student = family.student_net(dropout)
 
   def objective(params, frozen, batch, key):
-    x, labels = batch["image"], batch["label"]
+    x, cond = family.x_and_cond(batch)
     b = x.shape[0]
     n = frozen["num_student_steps"]
     k_t, k_eps, k_w, k_dropout = jax.random.split(key, 4)
     t = stage_two_times(k_t, b, n, for_stochastic=for_stochastic)
     w = guidance.sample_w(k_w, b, w_min, w_max, power=w_power)
-    z, logsnr = _noisy_batch(x, k_eps, t)
-    teacher_fn = denoiser.denoise_fn(student, frozen["params"], labels, w)
-    target = jax.lax.stop_gradient(stage_two_target(teacher_fn, z, t, n))
-    x_pred = denoiser.x_prediction(student, params, z, t, labels, w, train=True,
+    z, logsnr = _noisy_batch(family, x, k_eps, t)
+    teacher_fn = denoiser.denoise_fn(family, frozen["params"], cond, w)
+    target = jax.lax.stop_gradient(stage_two_target(teacher_fn, z, t, n,
+                                                    logsnr_fn=family.logsnr_fn))
+    x_pred = denoiser.x_prediction(family, student, params, z, t, cond, w, train=True,
                                    rngs={"dropout": k_dropout})
     loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_x_loss(x_pred, target, logsnr))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from distill import (checkpoints, config_validation, denoiser, diffusion, input_pipeline, losses,
-                     manifest, models, paths, progress, sharding, train)
+from distill import (checkpoints, config_validation, denoiser, diffusion, family, input_pipeline,
+                     losses, manifest, paths, progress, sharding, train)
 
 
 def stage_key(config, name: str) -> jax.Array:
@@ -82,36 +82,33 @@ def section_of(config, link: Link):
   return halving_section(config, link.num_steps) if link.stage == "stage_two" else config[link.name]
 
 
-def teacher_model(config):
-  return models.build_unet(config)
-
-
-def student_model(config, *, dropout: float = 0.0):
-  return models.build_unet(config, use_w_embedding=True, dropout=dropout)
-
-
-def sample_fn(model, config, *, w_values, num_steps: int, guided: bool, per_row: int | None = None):
-  """``sample_fn(state)`` for progress grids: DDIM of the EMA params, a row per ``w``.
+def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: int | None = None):
+  """``sample_fn(state)`` for progress grids: DDIM of the EMA params, a row per ``w``, decoded.
 
   ``guided``: the teacher, two network evaluations per step; otherwise a w-conditioned student.
   """
   per_row = per_row or min(config.data.num_classes, 10)
   rows = len(w_values)
-  labels = jnp.tile(jnp.arange(per_row) % config.data.num_classes, rows)
+  cond = fam.cond_from_labels(jnp.tile(jnp.arange(per_row) % config.data.num_classes, rows))
   w = jnp.repeat(jnp.asarray(w_values, jnp.float32), per_row)
-  z1 = jax.random.normal(jax.random.key(1234), models.model_input_shape(config, rows * per_row))
+  z1 = jax.random.normal(jax.random.key(1234), (rows * per_row,) + fam.x_shape)
   make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit
   def sample(params):
-    return diffusion.sample_deterministic(make_fn(model, params, labels, w), z1, num_steps)
+    return fam.decode(diffusion.sample_deterministic(make_fn(fam, params, cond, w), z1,
+                                                     num_steps))
 
   return lambda state: (sample(state.ema_params), rows)
 
 
-def _abstract_params(model, config, mesh):
-  shapes = jax.eval_shape(
-      lambda: models.init_params(model, jax.random.key(0), models.model_input_shape(config)))
+def abstract_params(fam, link_name: str, mesh):
+  if link_name == "teacher":
+    init = lambda: fam.init_teacher(jax.random.key(0))
+  else:
+    init = lambda: fam.student_from_teacher(fam.init_teacher(jax.random.key(0)),
+                                            jax.random.key(0))
+  shapes = jax.eval_shape(init)
   replicated = sharding.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                       shapes)
@@ -125,7 +122,7 @@ def read_final_params(config, workdir, link: Link, mesh):
   """
   if link.name == "teacher" and config.teacher.checkpoint:
     return read_teacher_checkpoint(config, mesh)
-  model = teacher_model(config) if link.name == "teacher" else student_model(config)
+  fam = family.of(config)
   directory = link.directory(workdir)
   want = int(section_of(config, link).num_train_steps)
   try:
@@ -137,14 +134,14 @@ def read_final_params(config, workdir, link: Link, mesh):
                      f"{want}): add {link.stage} to --config.stages to train it, or start from "
                      "an existing teacher with --config.teacher.checkpoint=PATH.")
   return checkpoints.read_params(directory / "checkpoints" / str(want),
-                                 _abstract_params(model, config, mesh), what=link.name)[1]
+                                 abstract_params(fam, link.name, mesh), what=link.name)[1]
 
 
 def read_teacher_checkpoint(config, mesh):
   """The EMA parameters of ``config.teacher.checkpoint`` after an architecture check."""
   path = config.teacher.checkpoint
   step, params = checkpoints.read_params(
-      path, _abstract_params(teacher_model(config), config, mesh), what="teacher")
+      path, abstract_params(family.of(config), "teacher", mesh), what="teacher")
   if not checkpoints.is_finite(params):
     raise ValueError(f"teacher.checkpoint={path!r}: the teacher's EMA parameters (step {step}) "
                      "hold NaN or infinite values; pass a checkpoint of a healthy teacher.")
@@ -159,40 +156,35 @@ def train_link(config, workdir, link: Link, mesh, teacher_params, *,
   key = stage_key(config, link.name)
   batches = input_pipeline.train_batches(config.data, global_batch_size=section.batch_size,
                                          seed=config.seed + link.index)
-  shape = models.model_input_shape(config)
+  fam = family.of(config)
   if link.name == "teacher":
-    model = teacher_model(config)
-    objective = losses.teacher_objective(model, p_uncond=section.p_uncond)
-    init = lambda: models.init_params(model, jax.random.fold_in(key, 0), shape)
+    objective = losses.teacher_objective(fam, p_uncond=section.p_uncond)
+    init = lambda: fam.init_teacher(jax.random.fold_in(key, 0))
     frozen = None
-    grids = dict(model=model, w_values=section.sample_w, num_steps=section.sample_steps,
-                 guided=True)
+    grids = dict(w_values=section.sample_w, num_steps=section.sample_steps, guided=True)
   else:
-    model = student_model(config, dropout=section.dropout)
-    w_range = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
+    w_range = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max,
+                   dropout=section.dropout)
     if link.name == "stage_one":
-      objective = losses.stage_one_objective(model, teacher_model(config), **w_range,
-                                             w_weighting=section.w_loss_weight,
+      objective = losses.stage_one_objective(fam, **w_range, w_weighting=section.w_loss_weight,
                                              w_power=section.w_sample_power)
-      init = lambda: models.student_params_from_teacher(
-          teacher_params, models.init_params(model, jax.random.fold_in(key, 0), shape))
+      init = lambda: fam.student_from_teacher(teacher_params, jax.random.fold_in(key, 0))
       frozen = teacher_params
       sample_steps = section.sample_steps
     else:
-      objective = losses.stage_two_objective(model, for_stochastic=section.train_for_stochastic,
+      objective = losses.stage_two_objective(fam, for_stochastic=section.train_for_stochastic,
                                              w_weighting=section.w_loss_weight,
                                              w_power=section.w_sample_power, **w_range)
       init = lambda: teacher_params  # the new student starts as its teacher
       frozen = {"params": teacher_params,
                 "num_student_steps": jnp.asarray(link.num_steps, jnp.int32)}
       sample_steps = link.num_steps
-    grids = dict(model=student_model(config), w_values=section.sample_w,
-                 num_steps=sample_steps, guided=False)
+    grids = dict(w_values=section.sample_w, num_steps=sample_steps, guided=False)
   return train.train(
       name=link.name, section=link.stage, stage_cfg=section, objective=objective,
       init_params=init, frozen=frozen, batches=batches, mesh=mesh,
       workdir=link.directory(workdir), config=config, base_key=jax.random.fold_in(key, 1),
-      sample_fn=sample_fn(config=config, **grids) if section.sample_every else None,
+      sample_fn=sample_fn(fam, config, **grids) if section.sample_every else None,
       progress=progress)
 
 

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from distill import (checkpoints, cli, compilation_cache, denoiser, diffusion, images, models, paths,
+from distill import (checkpoints, cli, compilation_cache, denoiser, diffusion, family, images, paths,
                      pipeline, sharding)
 
 MODELS = ("teacher", "stage_one", "student")
@@ -34,7 +34,7 @@ SAMPLERS = ("deterministic", "stochastic")
 class LoadedModel:
   """A model of the chain with its EMA parameters and how it samples."""
   kind: str  # teacher | stage_one | student
-  model: Any
+  family: Any  # the denoiser family (distill/family.py) whose network this is
   params: Any
   config: ml_collections.ConfigDict
   num_steps: int | None = None  # a student's trained step count
@@ -86,8 +86,8 @@ def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
   else:
     link = links[kind]
   params = pipeline.read_final_params(config, workdir, link, mesh)
-  model = pipeline.teacher_model(config) if kind == "teacher" else pipeline.student_model(config)
-  return LoadedModel(kind, model, params, config, num_steps if kind == "student" else None)
+  return LoadedModel(kind, family.of(config), params, config,
+                     num_steps if kind == "student" else None)
 
 
 def check_w(loaded: LoadedModel, w_values) -> None:
@@ -121,17 +121,17 @@ def sampler_steps(loaded: LoadedModel, sampler: str, num_steps: int | None) -> i
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_sampler(model, guided: bool, sampler: str, steps: int):
-  """One jitted ``run(params, z1, labels, w, key)`` per (model, sampler, steps): every cell and
-  batch of the same shape reuses its compilation."""
+def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
+  """One jitted ``run(params, z1, cond, w, key)`` per (family, sampler, steps): every cell and
+  batch of the same shape reuses its compilation. Returns decoded images."""
   make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit
-  def run(params, z1, labels, w, key):
-    fn = make_fn(model, params, labels, w)
+  def run(params, z1, cond, w, key):
+    fn = make_fn(fam, params, cond, w)
     if sampler == "deterministic":
-      return diffusion.sample_deterministic(fn, z1, steps)
-    return diffusion.sample_stochastic(fn, z1, steps, key)
+      return fam.decode(diffusion.sample_deterministic(fn, z1, steps))
+    return fam.decode(diffusion.sample_stochastic(fn, z1, steps, key))
 
   return run
 
@@ -140,8 +140,10 @@ def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
   """A jitted ``fn(z1, labels, w, key) -> x`` for one batch."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}.")
-  run = _compiled_sampler(loaded.model, loaded.kind == "teacher", sampler, steps)
-  return lambda z1, labels, w, key: run(loaded.params, z1, labels, w, key)
+  run = _compiled_sampler(loaded.family, loaded.kind == "teacher", sampler, steps)
+  fam = loaded.family
+  return lambda z1, labels, w, key: run(loaded.params, z1, fam.cond_from_labels(labels), w,
+                                        key)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -162,7 +164,7 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   w = np.broadcast_to(np.asarray(w, np.float32), labels.shape)
   steps = sampler_steps(loaded, sampler, num_steps)
   run = make_sampler(loaded, sampler, steps)
-  shape = models.model_input_shape(loaded.config)[1:]
+  shape = loaded.family.x_shape
   base = jax.random.key(seed)
   out = []
   for start in range(0, len(labels), batch_size):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from distill import denoiser, diffusion, losses, models, schedules
+from distill import denoiser, diffusion, family, losses, models, schedules
 from distill.config_utils import load_config
 
 
@@ -28,12 +28,14 @@ def nets():
   k1, k2 = jax.random.split(jax.random.key(4))
   batch = {"image": jax.random.uniform(k1, shape, minval=-1, maxval=1),
            "label": jnp.array([0, 1, 2, 3, 4, 5], jnp.int32)}
-  return dict(config=config, teacher=teacher, student=student, t_params=t_params,
+  return dict(config=config, family=family.of(config), teacher=teacher, student=student,
+              t_params=t_params,
               s_params=s_params, batch=batch, z=jax.random.normal(k2, shape))
 
 
 def _teacher_fn(nets, w):
-  return denoiser.denoise_fn(nets["student"], nets["s_params"], nets["batch"]["label"], w)
+  return denoiser.denoise_fn(nets["family"], nets["s_params"], nets["batch"]["label"], w,
+                             net=nets["student"])
 
 
 def _np_alpha_sigma(t):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from distill import (checkpoints, config_validation, input_pipeline, losses, models, pipeline,
-                     sharding, train)
+from distill import (checkpoints, config_validation, family, input_pipeline, losses, models,
+                     pipeline, sharding, train)
 from distill.config_utils import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -35,8 +35,8 @@ def _tree_equal(a, b):
 
 
 def _mean_objective(config, params, seeds=range(6)):
-  model = models.build_unet(config)
-  objective = jax.jit(losses.teacher_objective(model, p_uncond=config.teacher.p_uncond))
+  objective = jax.jit(losses.teacher_objective(family.of(config),
+                                               p_uncond=config.teacher.p_uncond))
   batches = input_pipeline.train_batches(config.data, global_batch_size=64, seed=99)
   return float(np.mean([objective(params, None, batches[s], jax.random.key(1000 + s))[0]
                         for s in seeds]))
@@ -113,7 +113,7 @@ def test_eight_devices_give_the_same_loss_as_one():
   assert jax.device_count() >= 8
   config = tiny_config()
   model = models.build_unet(config)
-  objective = losses.teacher_objective(model, p_uncond=0.1)
+  objective = losses.teacher_objective(family.of(config), p_uncond=0.1)
   tx, schedule = train.make_optimizer(config.teacher)
   params = jax.device_get(
       models.init_params(model, jax.random.key(0), models.model_input_shape(config)))

@@ -7,12 +7,22 @@ import pytest
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
-from distill import denoiser, models, schedules, sharding
+from distill import denoiser, family, models, schedules, sharding
 from distill.config_utils import load_config
 from distill.models.factory import param_count
 
-x_prediction = jax.jit(denoiser.x_prediction, static_argnums=0)
-guided_x_prediction = jax.jit(denoiser.guided_x_prediction, static_argnums=0)
+PIXEL = family.of(load_config("digits:runlocal"))  # the nets of the `tiny` fixture's config
+_x_prediction = jax.jit(denoiser.x_prediction, static_argnums=(0, 1))
+_guided_x_prediction = jax.jit(denoiser.guided_x_prediction, static_argnums=0)
+
+
+def x_prediction(net, *args):
+  return _x_prediction(PIXEL, net, *args)
+
+
+def guided_x_prediction(teacher, *args):
+  assert teacher == PIXEL.teacher
+  return _guided_x_prediction(PIXEL, *args)
 
 ALL_CONFIGS = ["digits", "digits:runlocal", "cifar10", "cifar10:runlocal", "imagenet64",
                "imagenet64:runlocal"]

@@ -1,0 +1,97 @@
+"""Denoiser families: the little that the pipeline knows of a kind of teacher.
+
+Training objectives (``losses``), the chain (``pipeline``), the samplers (``sample``) and the
+evaluation see a teacher only through a ``DenoiserFamily``:
+
+* the networks: ``teacher`` and ``student_net(dropout)`` (the student carries the w-embedding of
+  paper §3.1), ``init_teacher(rng)`` and ``student_from_teacher(teacher_params, rng)``;
+* the prediction ``v_hat(net, params, z, t, cond, w, *, train, rngs)``, from which
+  ``x_hat = α z − σ v̂`` (``denoiser.x_prediction``);
+* the null condition ``null_cond(cond)`` of classifier-free guidance;
+* the teacher's schedule ``logsnr_fn(t)``;
+* the data: ``x_and_cond(batch)``, a batch turned into the diffused variable and its condition,
+  and ``cond_from_labels(labels)`` for sampling;
+* ``decode(x)``: images in [−1, 1]; and ``x_shape``, one example's shape.
+
+``PixelFamily`` is the pixel-space U-Net: the cosine schedule, class labels (the null label is
+the extra class row), the identity as codec. A family is a frozen dataclass of hashable
+fields, so that compiled samplers keyed by it are reused (``sample._compiled_sampler``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from distill import models, schedules
+
+
+class DenoiserFamily(Protocol):
+  """What ``losses``, ``pipeline``, ``sample`` and ``evaluate`` need of a teacher's kind."""
+
+  name: str
+  teacher: Any
+  x_shape: tuple[int, ...]
+
+  def student_net(self, dropout: float = 0.0) -> Any: ...
+  def init_teacher(self, rng) -> Any: ...
+  def student_from_teacher(self, teacher_params, rng) -> Any: ...
+  def v_hat(self, net, params, z, t, cond, w=None, *, train: bool = False, rngs=None): ...
+  def null_cond(self, cond) -> Any: ...
+  def logsnr_fn(self, t): ...
+  def x_and_cond(self, batch) -> tuple[jax.Array, Any]: ...
+  def cond_from_labels(self, labels) -> Any: ...
+  def decode(self, x): ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelFamily:
+  """The pixel-space U-Net on the cosine schedule, conditioned on class labels."""
+
+  teacher: models.UNet
+  student: models.UNet  # with the w-embedding, dropout 0 (sampling)
+  x_shape: tuple[int, ...]
+  name: str = "pixel"
+
+  @classmethod
+  def from_config(cls, config) -> "PixelFamily":
+    shape = models.model_input_shape(config)[1:]
+    return cls(teacher=models.build_unet(config),
+               student=models.build_unet(config, use_w_embedding=True, dropout=0.0),
+               x_shape=tuple(shape))
+
+  def student_net(self, dropout: float = 0.0) -> models.UNet:
+    return self.student.clone(dropout=dropout) if dropout != self.student.dropout else self.student
+
+  def init_teacher(self, rng):
+    return models.init_params(self.teacher, rng, (1,) + self.x_shape)
+
+  def student_from_teacher(self, teacher_params, rng):
+    return models.student_params_from_teacher(
+        teacher_params, models.init_params(self.student, rng, (1,) + self.x_shape))
+
+  def v_hat(self, net, params, z, t, cond, w=None, *, train: bool = False, rngs=None):
+    return net.apply({"params": params}, z, self.logsnr_fn(t), cond, w, train=train, rngs=rngs)
+
+  def null_cond(self, cond):
+    return jnp.full(jnp.shape(cond), self.teacher.null_label, jnp.int32)
+
+  def logsnr_fn(self, t):
+    return schedules.cosine_logsnr(t)
+
+  def x_and_cond(self, batch):
+    return batch["image"], batch["label"]
+
+  def cond_from_labels(self, labels):
+    return jnp.asarray(labels, jnp.int32)
+
+  def decode(self, x):
+    return x
+
+
+def of(config) -> PixelFamily:
+  """The family of ``config`` (the pixel U-Net)."""
+  return PixelFamily.from_config(config)
