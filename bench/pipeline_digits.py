@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from distill import images, pipeline, sample
+from distill import images, layout, pipeline, sample
 from distill.config_utils import load_config
 
 
@@ -52,7 +52,7 @@ def main(argv=None):
   labels = np.tile(np.arange(10) % config.data.num_classes, len(w_values))
   w = np.repeat(w_values, 10)
   grids = {}
-  for link in pipeline.chain(config):
+  for link in layout.chain(config):
     kind = {"teacher": "teacher", "stage_one": "stage_one"}.get(link.name, "student")
     loaded = sample.load_model(workdir, kind, num_steps=link.num_steps, config=config)
     steps = {"teacher": args.teacher_steps,
@@ -78,7 +78,7 @@ def main(argv=None):
   print("| link | steps | wall (s) | steps/s | grid |")
   print("|---|---|---|---|---|")
   stage_total = 0.0
-  for link in pipeline.chain(config) + ([pipeline.Link("eval", "eval", -1)]
+  for link in layout.chain(config) + ([layout.Link("eval", "eval", -1)]
                                         if "eval" in manifest["stages"] else []):
     entry = manifest["stages"].get(link.name, {})
     seconds = entry.get("seconds", float("nan"))

@@ -103,8 +103,8 @@ def bench_model(name: str, spec: str, batch: int, steps: list[int], teacher_step
            "runs": len(ts), "forward_s": statistics.median(tf), **info}
       r["ratio"] = r["median_s"] / (n * r["forward_s"])
       result["samplers"].append(r)
-  teacher_run = sample._compiled_sampler(teacher, True, "deterministic", teacher_steps)  # pylint: disable=protected-access
-  student_run = sample._compiled_sampler(student, False, "deterministic", 4)  # pylint: disable=protected-access
+  teacher_run = sample._compiled_sampler(fam, True, "deterministic", teacher_steps)  # pylint: disable=protected-access
+  student_run = sample._compiled_sampler(fam, False, "deterministic", 4)  # pylint: disable=protected-access
   slow, slow_info = _warm(teacher_run, (t_params, z, labels, w, key), warmup)
   fast, fast_info = _warm(student_run, (s_params, z, labels, w, key), warmup)
   t_slow, t_fast = _paired(slow, fast, runs=max(2, runs // 2), b_calls=3)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import family, losses, models, pipeline, sharding, train  # noqa: E402
+from distill import family, layout, losses, models, sharding, train  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 
 # Dense bfloat16 peak per chip (vendor data sheets) and memory per chip.
@@ -55,7 +55,7 @@ def stage_steps(config, mesh):
   t_params = jax.eval_shape(lambda: models.init_params(teacher, jax.random.key(0), shape))
   s_params = jax.eval_shape(lambda: models.init_params(student, jax.random.key(0), shape))
   w = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
-  two = pipeline.halving_section(config, 4)
+  two = layout.halving_section(config, 4)
   out = {}
   for name, objective, section, frozen in (
       ("stage_one", losses.stage_one_objective(fam, **w), config.stage_one,
@@ -100,10 +100,10 @@ def main(argv=None) -> dict:
     flops[name] = {"batch": section.batch_size,
                    "flops": float(lowered.cost_analysis()["flops"]),
                    "lower_s": time.time() - t0}
-  halvings = pipeline.halvings(config)
+  halvings = layout.halvings(config)
   per_halving = config.stage_two.train_steps_per_halving
   total = (config.stage_one.num_train_steps * flops["stage_one"]["flops"]
-           + sum(pipeline.halving_section(config, n).num_train_steps for n in halvings)
+           + sum(layout.halving_section(config, n).num_train_steps for n in halvings)
            * flops["stage_two"]["flops"])
   hours = {chip: total / (spec["tflops"] * 1e12 * args.utilisation) / 3600
            for chip, spec in CHIPS.items()}

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import checkpoints, family, pipeline, sample, sharding  # noqa: E402
+from distill import checkpoints, family, layout, sample, sharding  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
 from distill.evaluation import evaluate, features  # noqa: E402
 
@@ -59,7 +59,7 @@ def main(argv=None) -> list[dict]:
                                   pathlib.Path(reference) / "report")
   real = features.real_features(config, extract, "train", int(config.eval.pr_samples))
   fam = family.of(config)
-  abstract = pipeline.abstract_params(fam, "stage_one", sharding.make_mesh(1))
+  abstract = layout.abstract_params(fam, "stage_one", sharding.make_mesh(1))
   directory = pathlib.Path(args.workdir) / "stage_one" / "checkpoints"
   steps = ([int(s) for s in args.steps.split(",")] if args.steps else
            sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()))
@@ -70,7 +70,7 @@ def main(argv=None) -> list[dict]:
   if args.teacher:
     models.append(("teacher", sample.load_model(args.workdir, "teacher", config=config)))
   if args.teacher_checkpoints:
-    teacher_abstract = pipeline.abstract_params(fam, "teacher", sharding.make_mesh(1))
+    teacher_abstract = layout.abstract_params(fam, "teacher", sharding.make_mesh(1))
     for step in (int(s) for s in args.teacher_checkpoints.split(",")):
       _, params = checkpoints.read_params(
           pathlib.Path(args.workdir) / "teacher" / "checkpoints" / str(step), teacher_abstract)

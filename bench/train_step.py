@@ -28,7 +28,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import family, input_pipeline, losses, models, pipeline, sharding, train  # noqa: E402
+from distill import (family, input_pipeline, layout, losses, models,  # noqa: E402
+                     sharding, train)
 from distill.config_utils import load_config  # noqa: E402
 
 
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
   s_params = models.student_params_from_teacher(
       t_params, models.init_params(student, jax.random.key(1), shape))
   w = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
-  two = pipeline.halving_section(config, 4)
+  two = layout.halving_section(config, 4)
   stages = [
       make_step("teacher", losses.teacher_objective(fam, p_uncond=0.1), t_params, None,
                 config.teacher, config, mesh),

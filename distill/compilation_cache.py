@@ -3,9 +3,9 @@
 Every link of the chain builds its train step anew, and the stage-two halvings compile the same
 program each time (the student's step count is an argument, not a constant): with the cache,
 halvings after the first load their step from disk instead of recompiling it, and a rerun or a
-resumed run loads every program it compiled before (BENCHMARKS.md, "The digits pipeline: README's
-first command, stage by stage"). A cached program is the same executable, so results do not
-change.
+resumed run loads every program it compiled before (BENCHMARKS.md, "The default run with the
+compilation cache and the 2×128 reference"). A cached program is the same executable, so results
+do not change.
 
 ``--compilation_cache_dir`` of ``distill.main`` and ``distill.sample`` chooses the directory:
 by default ``$JAX_COMPILATION_CACHE_DIR`` when that is set, else

@@ -1,6 +1,6 @@
 """The pipeline: teacher → stage one → every halving of stage two, each resuming on a rerun.
 
-Workdir layout::
+Workdir layout (``distill/layout.py`` has the links and reads what they hold)::
 
     manifest.json         the run's config (hash) and the stages completed, with steps and times
     teacher/              checkpoints/, samples/, TensorBoard events
@@ -17,18 +17,16 @@ whose stage is not in ``config.stages`` is read from the workdir when a later li
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import zlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-from etils import epath
 
-from distill import (checkpoints, config_validation, denoiser, diffusion, family, input_pipeline,
-                     losses, manifest, paths, progress, sharding, train)
+from distill import (config_validation, denoiser, diffusion, family, input_pipeline, layout, losses,
+                     manifest, paths, progress, sharding, train)
+from distill.evaluation import evaluate
 
 
 def stage_key(config, name: str) -> jax.Array:
@@ -38,48 +36,6 @@ def stage_key(config, name: str) -> jax.Array:
 
 def make_mesh(config):
   return sharding.make_mesh(None if config.num_devices == -1 else config.num_devices)
-
-
-@dataclasses.dataclass(frozen=True)
-class Link:
-  """One trained model of the chain: ``teacher``, ``stage_one`` or a halving ``stage_two/N=n``."""
-  name: str
-  stage: str  # the entry of config.stages that trains it
-  index: int  # position in the chain (varies the data order between links)
-  num_steps: int | None = None  # sampling steps of a stage-two student
-
-  def directory(self, workdir) -> epath.Path:
-    return epath.Path(workdir) / self.name
-
-
-def halvings(config) -> list[int]:
-  """Student step counts of stage two: ``start/2, start/4, …, end``."""
-  n, out = int(config.stage_two.start_num_steps), []
-  while n > int(config.stage_two.end_num_steps):
-    n //= 2
-    out.append(n)
-  return out
-
-
-def chain(config) -> list[Link]:
-  links = [Link("teacher", "teacher", 0), Link("stage_one", "stage_one", 1)]
-  links += [Link(f"stage_two/N={n}", "stage_two", 2 + i, n)
-            for i, n in enumerate(halvings(config))]
-  return links
-
-
-def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
-  """``config.stage_two`` with ``num_train_steps`` of the halving to ``num_steps`` steps."""
-  cfg = config.stage_two
-  long = 0 < num_steps <= cfg.long_halving_max_steps
-  section = ml_collections.ConfigDict(cfg.to_dict())
-  section.num_train_steps = int(cfg.long_halving_train_steps if long else
-                                cfg.train_steps_per_halving)
-  return section
-
-
-def section_of(config, link: Link):
-  return halving_section(config, link.num_steps) if link.stage == "stage_two" else config[link.name]
 
 
 def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: int | None = None):
@@ -97,62 +53,15 @@ def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: i
   @jax.jit
   def sample(params):
     return fam.decode(diffusion.sample_deterministic(make_fn(fam, params, cond, w), z1,
-                                                     num_steps))
+                                                     num_steps, logsnr_fn=fam.logsnr_fn))
 
   return lambda state: (sample(state.ema_params), rows)
 
 
-def abstract_params(fam, link_name: str, mesh):
-  if link_name == "teacher":
-    init = lambda: fam.init_teacher(jax.random.key(0))
-  else:
-    init = lambda: fam.student_from_teacher(fam.init_teacher(jax.random.key(0)),
-                                            jax.random.key(0))
-  shapes = jax.eval_shape(init)
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      shapes)
-
-
-def read_final_params(config, workdir, link: Link, mesh):
-  """The EMA parameters of a link that finished in an earlier run, or a clear error.
-
-  The teacher is ``config.teacher.checkpoint`` when that is set (an imported teacher is never
-  written to the workdir), so sampling and evaluation see the teacher the students learned from.
-  """
-  if link.name == "teacher" and config.teacher.checkpoint:
-    return read_teacher_checkpoint(config, mesh)
-  fam = family.of(config)
-  directory = link.directory(workdir)
-  want = int(section_of(config, link).num_train_steps)
-  try:
-    _, step = checkpoints.state_dir(directory)
-  except ValueError:
-    step = 0
-  if step < want:
-    raise ValueError(f"{link.name} is not complete in {str(directory)!r} (step {step} of "
-                     f"{want}): add {link.stage} to --config.stages to train it, or start from "
-                     "an existing teacher with --config.teacher.checkpoint=PATH.")
-  return checkpoints.read_params(directory / "checkpoints" / str(want),
-                                 abstract_params(fam, link.name, mesh), what=link.name)[1]
-
-
-def read_teacher_checkpoint(config, mesh):
-  """The EMA parameters of ``config.teacher.checkpoint`` after an architecture check."""
-  path = config.teacher.checkpoint
-  step, params = checkpoints.read_params(
-      path, abstract_params(family.of(config), "teacher", mesh), what="teacher")
-  if not checkpoints.is_finite(params):
-    raise ValueError(f"teacher.checkpoint={path!r}: the teacher's EMA parameters (step {step}) "
-                     "hold NaN or infinite values; pass a checkpoint of a healthy teacher.")
-  logging.info("teacher: read EMA parameters of step %d from %s", step, path)
-  return params
-
-
-def train_link(config, workdir, link: Link, mesh, teacher_params, *,
+def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
                progress=None) -> train.TrainState:
   """Trains one link of the chain; ``teacher_params`` are the previous link's (None for it)."""
-  section = section_of(config, link)
+  section = layout.section_of(config, link)
   key = stage_key(config, link.name)
   batches = input_pipeline.train_batches(config.data, global_batch_size=section.batch_size,
                                          seed=config.seed + link.index)
@@ -190,7 +99,7 @@ def train_link(config, workdir, link: Link, mesh, teacher_params, *,
 
 def train_teacher(config, workdir, mesh) -> train.TrainState:
   """Trains the classifier-free-guided teacher (label dropout, v-prediction)."""
-  return train_link(config, workdir, chain(config)[0], mesh, None)
+  return train_link(config, workdir, layout.chain(config)[0], mesh, None)
 
 
 def run(config, workdir) -> None:
@@ -210,13 +119,13 @@ def run(config, workdir) -> None:
   record = manifest.Manifest(workdir)
   record.check_config(config)
   mesh = make_mesh(config)
-  links = chain(config)
+  links = layout.chain(config)
   last = max((i for i, link in enumerate(links) if link.stage in stages), default=-1)
   trained = [link for link in links[:last + 1] if link.stage in stages and not (
       link.name == "teacher" and config.teacher.checkpoint)]
   tracker = progress.RunProgress(
-      [(link.name, link.stage, int(section_of(config, link).num_train_steps),
-        int(section_of(config, link).batch_size)) for link in trained],
+      [(link.name, link.stage, int(layout.section_of(config, link).num_train_steps),
+        int(layout.section_of(config, link).batch_size)) for link in trained],
       eval_work=_eval_work(config) if "eval" in stages else 0)
 
   params = None  # a function giving the previous link's EMA parameters
@@ -226,7 +135,7 @@ def run(config, workdir) -> None:
       logging.info("teacher: not trained, --config.teacher.checkpoint=%s is used instead",
                    config.teacher.checkpoint)
     if imported or link.stage not in stages:
-      params = lambda link=link: read_final_params(config, workdir, link, mesh)
+      params = lambda link=link: layout.read_final_params(config, workdir, link, mesh)
       continue
     teacher_params = params() if params is not None else None
     start = time.time()
@@ -239,7 +148,6 @@ def run(config, workdir) -> None:
     params = lambda state=state: state.ema_params
 
   if "eval" in stages and jax.process_index() == 0:
-    from distill.evaluation import evaluate  # pylint: disable=import-outside-toplevel
     start = time.time()
     out = evaluate.run(config, workdir)
     record.complete("eval", step=0, seconds=time.time() - start)
@@ -252,8 +160,7 @@ def run(config, workdir) -> None:
 
 def _eval_work(config) -> int:
   """Network evaluations of the eval stage's cells, for the run's ETA (before it starts)."""
-  from distill.evaluation import evaluate  # pylint: disable=import-outside-toplevel
-  cells = evaluate.plan(config, trained=halvings(config))
+  cells = evaluate.plan(config, trained=layout.halvings(config))
   return sum(cell.nfe for cell in cells) * int(config.eval.num_samples)
 
 

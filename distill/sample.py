@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from distill import (checkpoints, cli, compilation_cache, denoiser, diffusion, family, images, paths,
-                     pipeline, sharding)
+from distill import (cli, compilation_cache, denoiser, diffusion, family, images, layout, paths,
+                     sharding)
 
 MODELS = ("teacher", "stage_one", "student")
 SAMPLERS = ("deterministic", "stochastic")
@@ -40,52 +40,24 @@ class LoadedModel:
   num_steps: int | None = None  # a student's trained step count
 
 
-def workdir_config(workdir) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (the JSON saved with its first stage's checkpoints)."""
-  workdir = epath.Path(paths.resolve(workdir))
-  for link in ("teacher", "stage_one"):
-    try:
-      _, step = checkpoints.state_dir(workdir / link)
-    except ValueError:
-      continue
-    saved = checkpoints.Checkpoints(workdir / link / "checkpoints", max_to_keep=None,
-                                    writable=False)
-    try:
-      return ml_collections.ConfigDict(saved.restore_config(step))
-    finally:
-      saved.close()
-  raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/ or stage_one/ "
-                   "checkpoints): run python -m distill.main --workdir=... first.")
-
-
-def available_students(workdir) -> list[int]:
-  root = epath.Path(workdir) / "stage_two"
-  found = []
-  if root.is_dir():
-    for d in root.iterdir():
-      if d.name.startswith("N=") and (d / "checkpoints").is_dir():
-        found.append(int(d.name[2:]))
-  return sorted(found)
-
-
 def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
                mesh=None) -> LoadedModel:
   """Reads a finished model of the chain from ``workdir``; clear errors for what is missing."""
   if kind not in MODELS:
     raise ValueError(f"model={kind!r} is not one of {list(MODELS)}.")
   workdir = paths.resolve(workdir)
-  config = paths.resolve_config(config or workdir_config(workdir))
+  config = paths.resolve_config(config or layout.workdir_config(workdir))
   mesh = mesh or sharding.make_mesh(1)
-  links = {link.name: link for link in pipeline.chain(config)}
+  links = {link.name: link for link in layout.chain(config)}
   if kind == "student":
-    have = available_students(workdir)
+    have = layout.available_students(workdir)
     if num_steps not in have or f"stage_two/N={num_steps}" not in links:
       raise ValueError(f"no stage-two student with num_steps={num_steps} in {str(workdir)!r}: "
                        f"available {have or 'none'} (pass --num_steps=one of them).")
     link = links[f"stage_two/N={num_steps}"]
   else:
     link = links[kind]
-  params = pipeline.read_final_params(config, workdir, link, mesh)
+  params = layout.read_final_params(config, workdir, link, mesh)
   return LoadedModel(kind, family.of(config), params, config,
                      num_steps if kind == "student" else None)
 
@@ -130,8 +102,8 @@ def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
   def run(params, z1, cond, w, key):
     fn = make_fn(fam, params, cond, w)
     if sampler == "deterministic":
-      return fam.decode(diffusion.sample_deterministic(fn, z1, steps))
-    return fam.decode(diffusion.sample_stochastic(fn, z1, steps, key))
+      return fam.decode(diffusion.sample_deterministic(fn, z1, steps, logsnr_fn=fam.logsnr_fn))
+    return fam.decode(diffusion.sample_stochastic(fn, z1, steps, key, logsnr_fn=fam.logsnr_fn))
 
   return run
 

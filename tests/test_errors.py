@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import save_file
 
-from distill import checkpoints, cli, paths, pipeline, sample
+from distill import checkpoints, cli, layout, paths, pipeline, sample
 from distill.config_utils import load_config
 from distill.evaluation import inception
 from distill.latent import weights
@@ -148,8 +148,8 @@ def test_a_background_write_that_fails_is_reported_by_the_next_poll(tmp_path):
 def test_nan_in_an_imported_teacher_is_refused(tmp_path, tiny_pipeline):
   config = tiny_config()
   mesh = pipeline.make_mesh(config)
-  params = jax.device_get(pipeline.read_final_params(config, tiny_pipeline,
-                                                     pipeline.chain(config)[0], mesh))
+  params = jax.device_get(layout.read_final_params(config, tiny_pipeline,
+                                                     layout.chain(config)[0], mesh))
   leaves, tree = jax.tree.flatten(params)
   leaves[3] = np.full_like(leaves[3], np.nan)
   with ocp.StandardCheckpointer() as writer:  # the layout of a training-loop checkpoint

@@ -19,7 +19,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from distill import pipeline
+from distill import layout, pipeline
 from distill.config_utils import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_two_processes_match_one_process(runs):
   single, multi = runs
   config = _config()
   mesh = pipeline.make_mesh(config)
-  for link in pipeline.chain(config):
+  for link in layout.chain(config):
     # Only process 0 writes metrics: one event file per link, with the same losses.
     a, b = _losses(link.directory(single)), _losses(link.directory(multi))
     assert [s for s, _ in a] == [s for s, _ in b] and a, link.name
@@ -97,7 +97,7 @@ def test_two_processes_match_one_process(runs):
     # Parameters to float32 rounding: the processes' gradient all-reduce (gloo) sums in another
     # order than one process's, and Adam's 1/sqrt(v) enlarges rounding in near-zero gradients.
     # A wrong data shard or a missed update moves them by orders of magnitude more.
-    pa = jax.device_get(pipeline.read_final_params(config, single, link, mesh))
-    pb = jax.device_get(pipeline.read_final_params(config, multi, link, mesh))
+    pa = jax.device_get(layout.read_final_params(config, single, link, mesh))
+    pb = jax.device_get(layout.read_final_params(config, multi, link, mesh))
     jax.tree.map(lambda x, y, name=link.name: np.testing.assert_allclose(
         y, x, rtol=1e-4, atol=1e-5, err_msg=name), pa, pb)

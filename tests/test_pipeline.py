@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from distill import family, losses, models, pipeline, sample, schedules
+from distill import family, layout, losses, models, pipeline, sample, schedules
 from distill.config_utils import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -75,8 +75,8 @@ def reference(tiny_pipeline):
 def final_params(workdir):
   config = tiny_config()
   mesh = pipeline.make_mesh(config)
-  return {link.name: jax.device_get(pipeline.read_final_params(config, workdir, link, mesh))
-          for link in pipeline.chain(config)}
+  return {link.name: jax.device_get(layout.read_final_params(config, workdir, link, mesh))
+          for link in layout.chain(config)}
 
 
 def _equal(a, b):
@@ -85,7 +85,7 @@ def _equal(a, b):
 
 def test_tiny_pipeline_runs_every_link(reference):
   config = tiny_config()
-  names = [link.name for link in pipeline.chain(config)]
+  names = [link.name for link in layout.chain(config)]
   assert names == ["teacher", "stage_one", "stage_two/N=4", "stage_two/N=2", "stage_two/N=1"]
   manifest = json.loads((reference / "manifest.json").read_text())
   assert sorted(manifest["stages"]) == sorted(names + ["eval"])
@@ -210,15 +210,15 @@ def test_imported_teacher_reproduces_stage_one(tmp_path, reference):
   pipeline.run(config, tmp_path)
   assert not (tmp_path / "teacher").exists()
   mesh = pipeline.make_mesh(config)
-  link = pipeline.chain(config)[1]
-  imported = pipeline.read_final_params(config, tmp_path, link, mesh)
-  original = pipeline.read_final_params(config, reference, link, mesh)
+  link = layout.chain(config)[1]
+  imported = layout.read_final_params(config, tmp_path, link, mesh)
+  original = layout.read_final_params(config, reference, link, mesh)
   assert _equal(jax.device_get(imported), jax.device_get(original))
   # Sampling and evaluation of this workdir read the imported teacher.
   teacher = sample.load_model(tmp_path, "teacher", config=config)
   reference_config = tiny_config()
   reference_config.stages = "stage_one"
-  trained = pipeline.read_final_params(reference_config, reference, pipeline.chain(config)[0],
+  trained = layout.read_final_params(reference_config, reference, layout.chain(config)[0],
                                        mesh)
   assert _equal(jax.device_get(teacher.params), jax.device_get(trained))
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from etils import epath
 
-from distill import files, images, paths, progress, sample
+from distill import files, images, layout, paths, progress, sample
 from distill.evaluation import features, metrics, report
 
 METHODS = ("teacher", "ddim", "student", "student_stochastic")
@@ -53,7 +53,7 @@ class Cell:
 def plan(config, workdir=None, *, trained=None) -> list[Cell]:
   """The cells of ``config.eval`` for the students in ``workdir`` (or with ``trained`` steps)."""
   cfg = config.eval
-  trained = set(sample.available_students(workdir) if trained is None else trained)
+  trained = set(layout.available_students(workdir) if trained is None else trained)
   rows = [("teacher", int(cfg.teacher_steps))]
   rows += [("ddim", int(s)) for s in cfg.ddim_steps]
   for n in cfg.student_steps:

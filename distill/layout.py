@@ -1,0 +1,136 @@
+"""The workdir's layout: the chain's links, their directories, and what a finished link holds.
+
+A workdir holds one directory per link of the chain (``teacher/``, ``stage_one/``,
+``stage_two/N=<n>/``), each with its Orbax checkpoints; ``pipeline`` trains them, ``sample`` and
+``evaluation`` read them, and all three read this module (never each other's internals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import ml_collections
+from etils import epath
+
+from distill import checkpoints, family, paths, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """One trained model of the chain: ``teacher``, ``stage_one`` or a halving ``stage_two/N=n``."""
+  name: str
+  stage: str  # the entry of config.stages that trains it
+  index: int  # position in the chain (varies the data order between links)
+  num_steps: int | None = None  # sampling steps of a stage-two student
+
+  def directory(self, workdir) -> epath.Path:
+    return epath.Path(workdir) / self.name
+
+
+def halvings(config) -> list[int]:
+  """Student step counts of stage two: ``start/2, start/4, …, end``."""
+  n, out = int(config.stage_two.start_num_steps), []
+  while n > int(config.stage_two.end_num_steps):
+    n //= 2
+    out.append(n)
+  return out
+
+
+def chain(config) -> list[Link]:
+  links = [Link("teacher", "teacher", 0), Link("stage_one", "stage_one", 1)]
+  links += [Link(f"stage_two/N={n}", "stage_two", 2 + i, n)
+            for i, n in enumerate(halvings(config))]
+  return links
+
+
+def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
+  """``config.stage_two`` with ``num_train_steps`` of the halving to ``num_steps`` steps."""
+  cfg = config.stage_two
+  long = 0 < num_steps <= cfg.long_halving_max_steps
+  section = ml_collections.ConfigDict(cfg.to_dict())
+  section.num_train_steps = int(cfg.long_halving_train_steps if long else
+                                cfg.train_steps_per_halving)
+  return section
+
+
+def section_of(config, link: Link):
+  return halving_section(config, link.num_steps) if link.stage == "stage_two" else config[link.name]
+
+
+def abstract_params(fam, link_name: str, mesh):
+  """Shapes, dtypes and (replicated) shardings of a link's parameters: the teacher's or, for
+  any other link, a student's."""
+  if link_name == "teacher":
+    init = lambda: fam.init_teacher(jax.random.key(0))
+  else:
+    init = lambda: fam.student_from_teacher(fam.init_teacher(jax.random.key(0)),
+                                            jax.random.key(0))
+  shapes = jax.eval_shape(init)
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      shapes)
+
+
+def read_final_params(config, workdir, link: Link, mesh):
+  """The EMA parameters of a link that finished in an earlier run, or a clear error.
+
+  The teacher is ``config.teacher.checkpoint`` when that is set (an imported teacher is never
+  written to the workdir), so sampling and evaluation see the teacher the students learned from.
+  """
+  if link.name == "teacher" and config.teacher.checkpoint:
+    return read_teacher_checkpoint(config, mesh)
+  fam = family.of(config)
+  directory = link.directory(workdir)
+  want = int(section_of(config, link).num_train_steps)
+  try:
+    _, step = checkpoints.state_dir(directory)
+  except ValueError:
+    step = 0
+  if step < want:
+    raise ValueError(f"{link.name} is not complete in {str(directory)!r} (step {step} of "
+                     f"{want}): add {link.stage} to --config.stages to train it, or start from "
+                     "an existing teacher with --config.teacher.checkpoint=PATH.")
+  return checkpoints.read_params(directory / "checkpoints" / str(want),
+                                 abstract_params(fam, link.name, mesh), what=link.name)[1]
+
+
+def read_teacher_checkpoint(config, mesh):
+  """The EMA parameters of ``config.teacher.checkpoint`` after an architecture check."""
+  path = config.teacher.checkpoint
+  step, params = checkpoints.read_params(
+      path, abstract_params(family.of(config), "teacher", mesh), what="teacher")
+  if not checkpoints.is_finite(params):
+    raise ValueError(f"teacher.checkpoint={path!r}: the teacher's EMA parameters (step {step}) "
+                     "hold NaN or infinite values; pass a checkpoint of a healthy teacher.")
+  logging.info("teacher: read EMA parameters of step %d from %s", step, path)
+  return params
+
+
+def workdir_config(workdir) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (the JSON saved with its first stage's checkpoints)."""
+  workdir = epath.Path(paths.resolve(workdir))
+  for link in ("teacher", "stage_one"):
+    try:
+      _, step = checkpoints.state_dir(workdir / link)
+    except ValueError:
+      continue
+    saved = checkpoints.Checkpoints(workdir / link / "checkpoints", max_to_keep=None,
+                                    writable=False)
+    try:
+      return ml_collections.ConfigDict(saved.restore_config(step))
+    finally:
+      saved.close()
+  raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/ or stage_one/ "
+                   "checkpoints): run python -m distill.main --workdir=... first.")
+
+
+def available_students(workdir) -> list[int]:
+  root = epath.Path(workdir) / "stage_two"
+  found = []
+  if root.is_dir():
+    for d in root.iterdir():
+      if d.name.startswith("N=") and (d / "checkpoints").is_dir():
+        found.append(int(d.name[2:]))
+  return sorted(found)
