@@ -64,7 +64,7 @@ class PixelFamily:
                x_shape=tuple(shape))
 
   def student_net(self, dropout: float = 0.0) -> models.UNet:
-    return self.student.clone(dropout=dropout) if dropout != self.student.dropout else self.student
+    return self.student.clone(dropout=dropout)
 
   def init_teacher(self, rng):
     return models.init_params(self.teacher, rng, (1,) + self.x_shape)
@@ -92,6 +92,6 @@ class PixelFamily:
     return x
 
 
-def of(config) -> PixelFamily:
+def of(config) -> DenoiserFamily:
   """The family of ``config`` (the pixel U-Net)."""
   return PixelFamily.from_config(config)
