@@ -193,3 +193,72 @@ def parse_arg(arg: str | None) -> dict:
     raise ValueError(f"unknown config argument(s) {sorted(unknown)}: the only variant is "
                      "'runlocal' (e.g. --config=configs/digits.py:runlocal).")
   return out
+
+
+def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.ConfigDict:
+  """A latent-family chain (paper §4.2): the teacher imported from the diffusers-layout folder
+  ``pretrained``, its ε→v fine-tuning (``teacher_v``), stage one and the halvings.
+
+  ``conditioning``: ``"class"`` (a class embedder; the null class is its last row) or
+  ``"text"`` (the text encoder's context of ``latent.prompt_template`` per class name for
+  labelled data; the null condition is the empty prompt). The pixel ``model`` section and the
+  eval stage do not apply (sample with ``python -m distill.sample``).
+  """
+  config = base_config()
+  del config["model"]
+  config.family = "latent"
+  config.stages = "teacher,teacher_v,stage_one,stage_two"
+  config.teacher = ml_collections.ConfigDict()
+  config.teacher.pretrained = pretrained  # a diffusers-layout folder: unet/, scheduler/, vae/ ...
+  config.teacher.checkpoint = ""  # (pixel teachers only)
+  config.latent = ml_collections.ConfigDict()
+  config.latent.conditioning = conditioning
+  config.latent.prompt_template = "a photo of a {label}"  # text: the prompt of a class
+  config.latent.class_names = ()  # text: one name per class; empty = the label numbers
+  config.latent.w_embedding_dim = 256  # diffusers' time_cond_proj_dim (LCM's default)
+  # ε→v fine-tuning (paper §4.2): the teacher's network read as v-prediction, trained with the
+  # teacher's objective and condition dropout; 0 steps removes the link (the ε-teacher is then
+  # distilled as it is). Starts from the imported teacher.
+  config.teacher_v = train_section(batch_size=256, num_train_steps=50_000, lr=1e-5,
+                                   warmup_steps=1000, ema_decay=0.9999)
+  config.teacher_v.p_uncond = 0.1
+  config.teacher_v.sample_w = (0.0, 4.0)
+  config.teacher_v.sample_steps = 64
+  config.teacher_v.sample_every = 0
+  config.teacher_v.checkpoint_every = 5000
+  for section in (config.stage_one, config.stage_two):
+    section.sample_every = 0
+    section.checkpoint_every = 1000
+  del config["eval"]
+  return config
+
+
+def shrink_latent_for_cpu(config, *, pretrained: str, steps: int = 6) -> None:
+  """The ``runlocal`` variant of a latent config: a tiny fixture teacher on the embedded digits,
+  a few steps of every link, halvings 8 → 1."""
+  config.teacher.pretrained = pretrained
+  config.data.name = "digits"
+  config.data.image_size = 8
+  config.data.channels = 1
+  config.data.num_classes = 10
+  config.data.random_flip = False
+  config.latent.class_names = ("zero", "one", "two", "three", "four", "five", "six", "seven",
+                               "eight", "nine")
+  config.latent.w_embedding_dim = 32
+  for name in ("teacher_v", "stage_one", "stage_two"):
+    section = config[name]
+    section.batch_size = 16
+    section.lr = 1e-3
+    section.warmup_steps = 2
+    section.ema_decay = 0.0
+    section.log_every = 2
+    section.checkpoint_every = 3
+    section.sample_every = steps
+  config.teacher_v.num_train_steps = steps
+  config.teacher_v.sample_steps = 4
+  config.stage_one.num_train_steps = steps
+  config.stage_one.sample_steps = 4
+  config.stage_two.train_steps_per_halving = steps
+  config.stage_two.long_halving_max_steps = 0
+  config.stage_two.start_num_steps = 8
+  config.stage_two.end_num_steps = 1

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from etils import epath
 
-from distill import checkpoints, input_pipeline
+from distill import checkpoints, family, input_pipeline, layout
 from distill.losses import W_WEIGHTINGS
 from distill.models.factory import check_model_config
 
-STAGES = ("teacher", "stage_one", "stage_two", "eval")
-TRAINED = ("teacher", "stage_one", "stage_two")
+STAGES = ("teacher", "teacher_v", "stage_one", "stage_two", "eval")
+TRAINED = ("teacher", "teacher_v", "stage_one", "stage_two")
 
 
 def stages_of(config) -> list[str]:
@@ -62,16 +62,29 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   if spec is not None and spec.native_size % config.data.image_size:
     raise ValueError(f"data.image_size={config.data.image_size} does not divide the native size "
                      f"{spec.native_size} of {config.data.name}: use a divisor of it.")
-  check_model_config(config)
   stages = stages_of(config)
+  latent = family.name_of(config) == "latent"
+  if latent:
+    check_latent(config, stages)
+  else:
+    check_model_config(config)
+    if config.teacher.get("pretrained"):
+      raise ValueError("teacher.pretrained is set but family='pixel': a diffusers-layout teacher "
+                       "needs --config.family=latent (and a latent section; see configs/sd15.py).")
   if config.num_devices != -1 and config.num_devices < 1:
     raise ValueError(f"num_devices={config.num_devices} must be >= 1, or -1 for all devices.")
+  if "teacher_v" in stages and not layout.has_teacher_v(config):
+    raise ValueError("stages names teacher_v, but the config has no teacher_v section with "
+                     "num_train_steps > 0: drop it from --config.stages.")
   for name in (s for s in stages if s in TRAINED):
-    if name == "teacher" and config.teacher.checkpoint:
+    if name == "teacher" and (config.teacher.checkpoint or latent):
       continue  # read, not trained
     check_train_section(name, config[name], num_devices=num_devices,
                         process_count=process_count)
-  if "teacher" in stages and not 0.0 <= config.teacher.p_uncond <= 1.0:
+  if "teacher_v" in stages and not 0.0 <= config.teacher_v.p_uncond < 1.0:
+    raise ValueError(f"teacher_v.p_uncond={config.teacher_v.p_uncond} must be in [0, 1) (the "
+                     "probability of the null condition while fine-tuning to v).")
+  if "teacher" in stages and not latent and not 0.0 <= config.teacher.p_uncond <= 1.0:
     raise ValueError(f"teacher.p_uncond={config.teacher.p_uncond} must be in [0, 1] (the "
                      "probability of replacing a label by the null label).")
   if config.teacher.checkpoint:
@@ -102,6 +115,28 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
     check_halvings(two)
   if "eval" in stages:
     check_eval(config)
+
+
+def check_latent(config, stages) -> None:
+  """The latent family: an imported teacher folder, no dropout, no eval stage (yet)."""
+  from distill.latent import family as latent_family  # pylint: disable=import-outside-toplevel
+  if config.teacher.checkpoint:
+    raise ValueError("teacher.checkpoint is a distill checkpoint of a pixel teacher; a latent "
+                     "teacher is imported with --config.teacher.pretrained=FOLDER.")
+  latent_family.check_folder(config.teacher.get("pretrained"), config.latent.conditioning)
+  kind = latent_family.folder_prediction_type(config.teacher.pretrained)
+  if kind != "v_prediction" and not layout.has_teacher_v(config):
+    raise ValueError(f"teacher.pretrained={config.teacher.pretrained} predicts {kind!r}, and the "
+                     "student predicts v, starting from its teacher: keep the ε→v fine-tuning "
+                     "(teacher_v.num_train_steps > 0, paper §4.2).")
+  for name in ("teacher_v", "stage_one", "stage_two"):
+    if name in config and config[name].get("dropout", 0.0):
+      raise ValueError(f"{name}.dropout={config[name].dropout}: the latent U-Net has no dropout; "
+                       "set it to 0.")
+  if "eval" in stages:
+    raise ValueError("the eval stage measures pixel-space families only: drop eval from "
+                     "--config.stages and sample the latent students with python -m distill.sample "
+                     "(docs/latent.md).")
 
 
 def check_eval(config) -> None:

@@ -9,13 +9,18 @@ evaluation see a teacher only through a ``DenoiserFamily``:
   ``x_hat = α z − σ v̂`` (``denoiser.x_prediction``);
 * the null condition ``null_cond(cond)`` of classifier-free guidance;
 * the teacher's schedule ``logsnr_fn(t)``;
-* the data: ``x_and_cond(batch)``, a batch turned into the diffused variable and its condition,
-  and ``cond_from_labels(labels)`` for sampling;
-* ``decode(x)``: images in [−1, 1]; and ``x_shape``, one example's shape.
+* the data: ``prepare_batches(batches)``, the data pipeline's ``{"image", "label"}`` batches
+  mapped to what the family trains on (outside the train step), ``x_and_cond(batch)``, such a
+  batch turned into the diffused variable and its condition, and ``cond_from_labels(labels)``
+  for sampling;
+* ``decode(x)``: images in [−1, 1], run outside the compiled samplers; and ``x_shape``, one
+  example's shape.
 
 ``PixelFamily`` is the pixel-space U-Net: the cosine schedule, class labels (the null label is
-the extra class row), the identity as codec. A family is a frozen dataclass of hashable
-fields, so that compiled samplers keyed by it are reused (``sample._compiled_sampler``).
+the extra class row), the identity as codec. ``distill.latent.family.LatentFamily`` is a
+diffusers-layout teacher (paper §4.2): its U-Net on its discrete schedule, a KL or VQ
+autoencoder, class-embedder or text-encoder contexts. ``config.family`` picks one. A family is
+hashable, so that compiled samplers keyed by it are reused (``sample._compiled_sampler``).
 """
 
 from __future__ import annotations
@@ -42,9 +47,13 @@ class DenoiserFamily(Protocol):
   def v_hat(self, net, params, z, t, cond, w=None, *, train: bool = False, rngs=None): ...
   def null_cond(self, cond) -> Any: ...
   def logsnr_fn(self, t): ...
+  def prepare_batches(self, batches) -> Any: ...
   def x_and_cond(self, batch) -> tuple[jax.Array, Any]: ...
   def cond_from_labels(self, labels) -> Any: ...
   def decode(self, x): ...
+
+
+FAMILIES = ("pixel", "latent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +91,9 @@ class PixelFamily:
   def logsnr_fn(self, t):
     return schedules.cosine_logsnr(t)
 
+  def prepare_batches(self, batches):
+    return batches
+
   def x_and_cond(self, batch):
     return batch["image"], batch["label"]
 
@@ -92,6 +104,16 @@ class PixelFamily:
     return x
 
 
+def name_of(config) -> str:
+  name = config.get("family", "pixel")
+  if name not in FAMILIES:
+    raise ValueError(f"family={name!r} is not one of {list(FAMILIES)}.")
+  return name
+
+
 def of(config) -> DenoiserFamily:
-  """The family of ``config`` (the pixel U-Net)."""
+  """The family of ``config``: ``config.family`` is ``pixel`` (default) or ``latent``."""
+  if name_of(config) == "latent":
+    from distill.latent import family as latent_family  # pylint: disable=import-outside-toplevel
+    return latent_family.from_config(config)
   return PixelFamily.from_config(config)

@@ -1,7 +1,7 @@
 """The workdir's layout: the chain's links, their directories, and what a finished link holds.
 
-A workdir holds one directory per link of the chain (``teacher/``, ``stage_one/``,
-``stage_two/N=<n>/``), each with its Orbax checkpoints; ``pipeline`` trains them, ``sample`` and
+A workdir holds one directory per link of the chain (``teacher/``, for a latent teacher the
+optional ε→v fine-tuning ``teacher_v/``, ``stage_one/``, ``stage_two/N=<n>/``), each with its Orbax checkpoints; ``pipeline`` trains them, ``sample`` and
 ``evaluation`` read them, and all three read this module (never each other's internals).
 """
 
@@ -19,7 +19,8 @@ from distill import checkpoints, family, paths, sharding
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-  """One trained model of the chain: ``teacher``, ``stage_one`` or a halving ``stage_two/N=n``."""
+  """One trained model of the chain: ``teacher``, ``teacher_v``, ``stage_one`` or a halving
+  ``stage_two/N=n``."""
   name: str
   stage: str  # the entry of config.stages that trains it
   index: int  # position in the chain (varies the data order between links)
@@ -38,11 +39,26 @@ def halvings(config) -> list[int]:
   return out
 
 
+def has_teacher_v(config) -> bool:
+  """Whether the chain has the ε→v fine-tuning link (``teacher_v.num_train_steps > 0``)."""
+  section = config.get("teacher_v")
+  return section is not None and int(section.get("num_train_steps", 0)) > 0
+
+
 def chain(config) -> list[Link]:
-  links = [Link("teacher", "teacher", 0), Link("stage_one", "stage_one", 1)]
-  links += [Link(f"stage_two/N={n}", "stage_two", 2 + i, n)
+  """teacher → [teacher_v] → stage_one → the halvings, in training order."""
+  names = ["teacher"] + (["teacher_v"] if has_teacher_v(config) else []) + ["stage_one"]
+  links = [Link(name, name, i) for i, name in enumerate(names)]
+  links += [Link(f"stage_two/N={n}", "stage_two", len(names) + i, n)
             for i, n in enumerate(halvings(config))]
   return links
+
+
+def is_imported(config, link: Link) -> bool:
+  """The teacher is read, not trained, when ``teacher.checkpoint`` (a distill checkpoint) or
+  ``teacher.pretrained`` (a diffusers-layout folder, for the latent family) is set."""
+  return link.name == "teacher" and bool(config.teacher.checkpoint or
+                                         config.teacher.get("pretrained"))
 
 
 def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
@@ -62,7 +78,7 @@ def section_of(config, link: Link):
 def abstract_params(fam, link_name: str, mesh):
   """Shapes, dtypes and (replicated) shardings of a link's parameters: the teacher's or, for
   any other link, a student's."""
-  if link_name == "teacher":
+  if link_name in ("teacher", "teacher_v"):
     init = lambda: fam.init_teacher(jax.random.key(0))
   else:
     init = lambda: fam.student_from_teacher(fam.init_teacher(jax.random.key(0)),
@@ -82,6 +98,8 @@ def read_final_params(config, workdir, link: Link, mesh):
   if link.name == "teacher" and config.teacher.checkpoint:
     return read_teacher_checkpoint(config, mesh)
   fam = family.of(config)
+  if link.name == "teacher" and config.teacher.get("pretrained"):
+    return jax.device_put(fam.init_teacher(None), sharding.replicated(mesh))
   directory = link.directory(workdir)
   want = int(section_of(config, link).num_train_steps)
   try:
@@ -111,7 +129,7 @@ def read_teacher_checkpoint(config, mesh):
 def workdir_config(workdir) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (the JSON saved with its first stage's checkpoints)."""
   workdir = epath.Path(paths.resolve(workdir))
-  for link in ("teacher", "stage_one"):
+  for link in ("teacher", "teacher_v", "stage_one"):
     try:
       _, step = checkpoints.state_dir(workdir / link)
     except ValueError:
@@ -122,8 +140,8 @@ def workdir_config(workdir) -> ml_collections.ConfigDict:
       return ml_collections.ConfigDict(saved.restore_config(step))
     finally:
       saved.close()
-  raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/ or stage_one/ "
-                   "checkpoints): run python -m distill.main --workdir=... first.")
+  raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/, teacher_v/ or "
+                   "stage_one/ checkpoints): run python -m distill.main --workdir=... first.")
 
 
 def available_students(workdir) -> list[int]:

@@ -13,7 +13,8 @@ import ml_collections
 from etils import epath
 
 # Config fields that name a file or directory: (section, field). Absent fields are skipped.
-CONFIG_PATH_FIELDS = (("teacher", "checkpoint"), ("eval", "inception_weights"),
+CONFIG_PATH_FIELDS = (("teacher", "checkpoint"), ("teacher", "pretrained"),
+                      ("eval", "inception_weights"),
                       ("data", "data_dir"), (None, "pretrained"))
 
 

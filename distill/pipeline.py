@@ -4,6 +4,8 @@ Workdir layout (``distill/layout.py`` has the links and reads what they hold)::
 
     manifest.json         the run's config (hash) and the stages completed, with steps and times
     teacher/              checkpoints/, samples/, TensorBoard events
+    teacher_v/            a latent teacher fine-tuned from ε- to v-prediction (paper §4.2), when
+                          the config has a teacher_v section
     stage_one/            the w-conditioned student of paper §3.1 (Algorithm 1)
     stage_two/N=<n>/      the student with n sampling steps (Algorithm 2), one per halving
     report/               the eval stage: table.md/.csv, figures, grids, cells/ (one JSON each)
@@ -52,10 +54,10 @@ def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: i
 
   @jax.jit
   def sample(params):
-    return fam.decode(diffusion.sample_deterministic(make_fn(fam, params, cond, w), z1,
-                                                     num_steps, logsnr_fn=fam.logsnr_fn))
+    return diffusion.sample_deterministic(make_fn(fam, params, cond, w), z1, num_steps,
+                                          logsnr_fn=fam.logsnr_fn)
 
-  return lambda state: (sample(state.ema_params), rows)
+  return lambda state: (fam.decode(sample(state.ema_params)), rows)
 
 
 def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
@@ -63,12 +65,15 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
   """Trains one link of the chain; ``teacher_params`` are the previous link's (None for it)."""
   section = layout.section_of(config, link)
   key = stage_key(config, link.name)
-  batches = input_pipeline.train_batches(config.data, global_batch_size=section.batch_size,
-                                         seed=config.seed + link.index)
   fam = family.of(config)
-  if link.name == "teacher":
+  batches = fam.prepare_batches(input_pipeline.train_batches(
+      config.data, global_batch_size=section.batch_size, seed=config.seed + link.index))
+  if link.name in ("teacher", "teacher_v"):
+    # teacher_v: the imported ε-teacher's network, now read as v (the family's teacher predicts
+    # v when the chain has this link), trained with the teacher's objective (paper §4.2).
     objective = losses.teacher_objective(fam, p_uncond=section.p_uncond)
-    init = lambda: fam.init_teacher(jax.random.fold_in(key, 0))
+    init = ((lambda: fam.init_teacher(jax.random.fold_in(key, 0))) if teacher_params is None
+            else (lambda: teacher_params))
     frozen = None
     grids = dict(w_values=section.sample_w, num_steps=section.sample_steps, guided=True)
   else:
@@ -121,8 +126,8 @@ def run(config, workdir) -> None:
   mesh = make_mesh(config)
   links = layout.chain(config)
   last = max((i for i, link in enumerate(links) if link.stage in stages), default=-1)
-  trained = [link for link in links[:last + 1] if link.stage in stages and not (
-      link.name == "teacher" and config.teacher.checkpoint)]
+  trained = [link for link in links[:last + 1]
+             if link.stage in stages and not layout.is_imported(config, link)]
   tracker = progress.RunProgress(
       [(link.name, link.stage, int(layout.section_of(config, link).num_train_steps),
         int(layout.section_of(config, link).batch_size)) for link in trained],
@@ -130,10 +135,10 @@ def run(config, workdir) -> None:
 
   params = None  # a function giving the previous link's EMA parameters
   for link in links[:last + 1]:
-    imported = link.name == "teacher" and bool(config.teacher.checkpoint)
+    imported = layout.is_imported(config, link)
     if imported and "teacher" in stages:
-      logging.info("teacher: not trained, --config.teacher.checkpoint=%s is used instead",
-                   config.teacher.checkpoint)
+      logging.info("teacher: not trained, %s is used instead",
+                   config.teacher.checkpoint or config.teacher.pretrained)
     if imported or link.stage not in stages:
       params = lambda link=link: layout.read_final_params(config, workdir, link, mesh)
       continue

@@ -15,7 +15,8 @@ import time
 # Time of one training step relative to a teacher step at the same batch size: stage one runs
 # the teacher's two branches without gradient beside the student; stage two runs two teacher
 # DDIM steps (the training-step table of BENCHMARKS.md measures 1.24–1.25× and 1.32–1.45×).
-STEP_COST = {"teacher": 1.0, "stage_one": 1.25, "stage_two": 1.4}
+# teacher_v (a latent teacher's ε→v fine-tuning) trains with the teacher's objective.
+STEP_COST = {"teacher": 1.0, "teacher_v": 1.0, "stage_one": 1.25, "stage_two": 1.4}
 # A forward pass of one example costs about this share of one example's training step
 # (forward, backward and the optimiser).
 FORWARD_SHARE = 1 / 3

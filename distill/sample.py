@@ -4,8 +4,9 @@ Picks a model of the chain — ``teacher`` (guided DDIM, two network evaluations
 batched pass), ``stage_one`` (the w-conditioned student, DDIM with any step count) or
 ``student`` (the stage-two student with ``--num_steps`` steps) — a sampler (``deterministic``:
 Eq. 2; ``stochastic``: Eq. 4–7, which asks a student with N steps for 2N evaluations), guidance
-weights, class labels, a count and a seed, and writes a PNG grid (a row per w) and an ``.npz``
-of the samples (``images`` in [−1, 1], ``labels``, ``w``).
+weights, class labels (or, for a text-conditioned latent teacher, ``--prompt``s or a
+``--prompts_file``), a count and a seed, and writes a PNG grid (a row per w) and an ``.npz`` of
+the decoded samples (``images`` in [−1, 1], ``labels`` or ``prompts``, ``w``).
 
 The library functions (``load_model``, ``generate``) serve the evaluation stage and notebooks.
 """
@@ -95,27 +96,26 @@ def sampler_steps(loaded: LoadedModel, sampler: str, num_steps: int | None) -> i
 @functools.lru_cache(maxsize=32)
 def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
   """One jitted ``run(params, z1, cond, w, key)`` per (family, sampler, steps): every cell and
-  batch of the same shape reuses its compilation. Returns decoded images."""
+  batch of the same shape reuses its compilation. Returns the sampler's ``x`` (not decoded)."""
   make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit
   def run(params, z1, cond, w, key):
     fn = make_fn(fam, params, cond, w)
     if sampler == "deterministic":
-      return fam.decode(diffusion.sample_deterministic(fn, z1, steps, logsnr_fn=fam.logsnr_fn))
-    return fam.decode(diffusion.sample_stochastic(fn, z1, steps, key, logsnr_fn=fam.logsnr_fn))
+      return diffusion.sample_deterministic(fn, z1, steps, logsnr_fn=fam.logsnr_fn)
+    return diffusion.sample_stochastic(fn, z1, steps, key, logsnr_fn=fam.logsnr_fn)
 
   return run
 
 
 def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
-  """A jitted ``fn(z1, labels, w, key) -> x`` for one batch."""
+  """``fn(z1, cond, w, key) -> images`` for one batch: the jitted sampler, then the family's
+  decoder (the identity for pixels, the first stage's decoder for latents)."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}.")
   run = _compiled_sampler(loaded.family, loaded.kind == "teacher", sampler, steps)
-  fam = loaded.family
-  return lambda z1, labels, w, key: run(loaded.params, z1, fam.cond_from_labels(labels), w,
-                                        key)
+  return lambda z1, cond, w, key: loaded.family.decode(run(loaded.params, z1, cond, w, key))
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -124,26 +124,35 @@ def _noise(base, indices, shape):
   return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(base, j), shape))(indices)
 
 
-def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels, w, seed: int,
-             batch_size: int = 500) -> np.ndarray:
-  """Samples for per-example ``labels`` and ``w`` (arrays of one length), in batches.
+def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels=None, w,
+             seed: int, batch_size: int = 500, prompts=None) -> np.ndarray:
+  """Samples for per-example ``labels`` (or ``prompts``, for a text-conditioned latent teacher)
+  and ``w`` (arrays of one length), in batches; decoded images in about [−1, 1].
 
   Example ``j`` starts from ``z_1 = normal(fold_in(key(seed), j))``, so a deterministic sample
   does not depend on the batch size or on which other samples are drawn (the stochastic
   sampler's re-noising draws one key per batch).
   """
-  labels = np.asarray(labels, np.int32)
-  w = np.broadcast_to(np.asarray(w, np.float32), labels.shape)
+  fam = loaded.family
+  if prompts is not None:
+    prompts = list(prompts)
+    conds = lambda idx: fam.cond_from_prompts([prompts[i] for i in idx])
+    count = len(prompts)
+  else:
+    labels = np.asarray(labels, np.int32)
+    conds = lambda idx: fam.cond_from_labels(labels[idx])
+    count = len(labels)
+  w = np.broadcast_to(np.asarray(w, np.float32), (count,))
   steps = sampler_steps(loaded, sampler, num_steps)
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
   base = jax.random.key(seed)
   out = []
-  for start in range(0, len(labels), batch_size):
-    idx = np.arange(start, min(start + batch_size, len(labels)))
-    pad = batch_size - len(idx) if len(labels) > batch_size else 0
+  for start in range(0, count, batch_size):
+    idx = np.arange(start, min(start + batch_size, count))
+    pad = batch_size - len(idx) if count > batch_size else 0
     idx_p = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
-    x = run(_noise(base, jnp.asarray(idx_p), shape), jnp.asarray(labels[idx_p]),
+    x = run(_noise(base, jnp.asarray(idx_p), shape), conds(idx_p),
             jnp.asarray(w[idx_p]), jax.random.fold_in(base, 2**30 + start))
     out.append(np.asarray(x)[:len(idx)])
   return np.concatenate(out)
@@ -164,7 +173,11 @@ def _main(argv):
   parser.add_argument("--sampler", default="deterministic", choices=SAMPLERS)
   parser.add_argument("--w", default="0,1,4", help="guidance weights, one grid row each")
   parser.add_argument("--labels", default="", help="class labels (default 0..9 cycling)")
-  parser.add_argument("--per_row", type=int, default=10, help="samples per w")
+  parser.add_argument("--prompt", action="append", default=[],
+                      help="a text prompt (text-conditioned latent teachers); repeat for several")
+  parser.add_argument("--prompts_file", default="", help="a text file of prompts, one per line")
+  parser.add_argument("--per_row", type=int, default=None,
+                      help="samples per w (default 10, or the number of prompts, at least 4)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/samples)")
   parser.add_argument("--compilation_cache_dir", default=None,
@@ -174,30 +187,58 @@ def _main(argv):
   compilation_cache.enable(compilation_cache.default_directory()
                            if args.compilation_cache_dir is None else args.compilation_cache_dir)
   args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
+  prompts = _prompts(args)
+  if prompts and args.labels:
+    raise ValueError("--labels and --prompt/--prompts_file exclude each other: pass one.")
+  if args.per_row is not None and args.per_row < 1:
+    raise ValueError(f"--per_row={args.per_row} must be >= 1.")
 
   w_values = [float(v) for v in args.w.split(",") if v.strip()]
   loaded = load_model(args.workdir, args.model, num_steps=args.num_steps)
+  if prompts and not hasattr(loaded.family, "cond_from_prompts"):
+    raise ValueError(f"--prompt: the model in {args.workdir} is class-conditional "
+                     f"({loaded.family.name} family); pass --labels instead.")
   check_w(loaded, w_values)
-  classes = loaded.config.data.num_classes
-  row_labels = ([int(v) for v in args.labels.split(",") if v.strip()] if args.labels
-                else list(range(args.per_row)))
-  bad = [c for c in row_labels if not 0 <= c < classes]
-  if bad:
-    raise ValueError(f"--labels {bad} are outside [0, {classes}): pass class indices.")
-  row_labels = [row_labels[i % len(row_labels)] for i in range(args.per_row)]
-  labels = np.tile(row_labels, len(w_values))
-  w = np.repeat(w_values, args.per_row)
-  x = generate(loaded, sampler=args.sampler, num_steps=args.num_steps, labels=labels, w=w,
-               seed=args.seed)
+  extra = {}
+  if prompts:
+    per_row = args.per_row or max(len(prompts), 4)
+    row = [prompts[i % len(prompts)] for i in range(per_row)]
+    extra["prompts"] = row * len(w_values)
+    loaded.family.cond_from_prompts(prompts[:1])  # a class-conditional model fails here
+  else:
+    per_row = args.per_row or 10
+    classes = loaded.config.data.num_classes
+    row_labels = ([int(v) for v in args.labels.split(",") if v.strip()] if args.labels
+                  else list(range(per_row)))
+    bad = [c for c in row_labels if not 0 <= c < classes] if args.labels else []
+    if bad:
+      raise ValueError(f"--labels {bad} are outside [0, {classes}): pass class indices.")
+    row_labels = [row_labels[i % len(row_labels)] % classes for i in range(per_row)]
+    extra["labels"] = np.tile(row_labels, len(w_values))
+  w = np.repeat(w_values, per_row)
+  x = generate(loaded, sampler=args.sampler, num_steps=args.num_steps, w=w, seed=args.seed,
+               **extra)
   steps = sampler_steps(loaded, args.sampler, args.num_steps)
   out = epath.Path(args.out or epath.Path(args.workdir) / "samples")
   name = f"{args.model}{loaded.num_steps or ''}_{args.sampler}_{steps}steps_seed{args.seed}"
   images.save_png(images.grid(x, rows=len(w_values)), out / f"{name}.png", scale=4)
   out.mkdir(parents=True, exist_ok=True)
   with (out / f"{name}.npz").open("wb") as f:
-    np.savez(f, images=x, labels=labels, w=w)
+    np.savez(f, images=x, w=w, **{k: np.asarray(v) for k, v in extra.items()})
   print(f"wrote {out / name}.png and .npz ({len(x)} samples, {evaluations(loaded, args.sampler, steps)} "
         "network evaluations each)")
+
+
+def _prompts(args) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    path = epath.Path(paths.resolve(args.prompts_file))
+    if not path.is_file():
+      raise ValueError(f"--prompts_file={args.prompts_file}: no such file (one prompt per line).")
+    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+      raise ValueError(f"--prompts_file={args.prompts_file} holds no prompt (one per line).")
+  return prompts
 
 
 if __name__ == "__main__":

@@ -1,0 +1,257 @@
+"""The latent denoiser family (paper §4.2): a diffusers-layout teacher seen through the interface
+of ``distill/family.py``.
+
+* **Networks.** The teacher is the folder's ``UNet2DConditionModel``; the student is the same
+  network with ``time_cond_proj_dim`` set, diffusers' own mechanism for a guidance-weight
+  embedding (``guidance_embedding``: sinusoidal features of ``1000·w`` through a bias-free
+  ``cond_proj`` layer, added to the timestep features). ``student_from_teacher`` copies every
+  teacher weight and starts ``cond_proj`` at **zero**, so that at initialisation the student is
+  the teacher's conditional model for every w (paper §3.1). An exported student therefore stays
+  loadable by diffusers. Our w is diffusers' ``guidance_scale − 1``.
+* **Prediction.** ``v_hat`` turns the network's output into v: the teacher predicts what its
+  scheduler says (``epsilon``, or ``v_prediction`` after the ``teacher_v`` link), the student
+  always predicts v. The network is fed the discrete timestep ``schedule.timestep(t)``.
+* **Schedule.** The folder's ``DiscreteSchedule``; ``logsnr_fn = schedule.logsnr``.
+* **Condition.** ``cond`` is the cross-attention context ``[B, L, D]``: a class embedder's row
+  (class-conditional LDM, the null class is its last row) or the text encoder's context (SD, the
+  null condition is the empty prompt ``""``). For labelled data the contexts of every class are
+  computed once (``context_table``; for text, ``latent.prompt_template`` per class name).
+* **Data.** ``prepare_batches`` maps the data pipeline's ``{"image", "label"}`` batches to
+  ``{"latents", "context"}`` outside the train step: images resized to the first stage's
+  ``sample_size`` (channels repeated to its ``in_channels``) and encoded to the
+  ``scaling_factor``-scaled posterior mean (or a VQ model's pre-quantisation latents). A batch
+  stays a pure function of its step, so a resumed run reads the same latents.
+* **Decode.** ``decode`` runs the first stage's decoder (host-side, its own compiled program).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from distill import diffusion, layout
+from distill.latent import layers, pretrained, unet, vae
+
+CONDITIONINGS = ("class", "text")
+
+
+def guidance_embedding(w, dim: int):
+  """diffusers' ``get_guidance_scale_embedding``: ``[sin, cos]`` of ``1000·w`` at frequencies
+  ``exp(−log(10⁴)·k/(dim/2 − 1))``, ``k < dim/2``; ``[B] -> [B, dim]``."""
+  w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (jnp.size(w),))
+  return layers.timestep_embedding(1000.0 * w, dim, flip_sin_to_cos=False, freq_shift=1.0)
+
+
+def _v_from_prediction(z, out, logsnr, prediction_type: str):
+  """v = α ε − σ x from an ε-, v- or x-prediction (``z = α x + σ ε``, α² + σ² = 1)."""
+  alpha = diffusion.per_example(jnp.sqrt(jax.nn.sigmoid(logsnr)), z, "logsnr")
+  sigma = diffusion.per_example(jnp.sqrt(jax.nn.sigmoid(-logsnr)), z, "logsnr")
+  if prediction_type == "v_prediction":
+    return out
+  if prediction_type == "epsilon":
+    return (out - sigma * z) / alpha
+  return (alpha * z - out) / sigma
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentFamily:
+  """A latent teacher (``LatentModels``) and its w-conditioned student. Compared by identity:
+  ``of(config)`` returns one object per folder and settings."""
+
+  models: pretrained.LatentModels
+  teacher: unet.UNet2DConditionModel
+  student: unet.UNet2DConditionModel
+  x_shape: tuple[int, ...]
+  teacher_prediction: str  # what the teacher network predicts: "epsilon" or "v_prediction"
+  conditioning: str  # "class" or "text"
+  context_table: np.ndarray  # [num_classes + 1, L, D]: each class's context, the null one last
+  name: str = "latent"
+
+  @property
+  def schedule(self):
+    return self.models.schedule
+
+  @property
+  def w_dim(self) -> int:
+    return int(self.student.config.time_cond_proj_dim)
+
+  def student_net(self, dropout: float = 0.0):
+    if dropout:
+      raise ValueError(f"dropout={dropout}: the latent U-Net has no dropout; set the stage's "
+                       "dropout to 0.")
+    return self.student
+
+  def init_teacher(self, rng):
+    del rng  # imported, not initialised
+    return self.models.unet_params
+
+  def student_from_teacher(self, teacher_params, rng):
+    """The teacher's weights and a zero ``cond_proj``: the teacher's conditional model at every w."""
+    del rng
+    cfg = self.teacher.config
+    kernel = jnp.zeros((self.w_dim, cfg.block_out_channels[0]), jnp.float32)
+    return {**teacher_params, "time_embedding_cond_proj": {"kernel": kernel}}
+
+  def v_hat(self, net, params, z, t, cond, w=None, *, train: bool = False, rngs=None):
+    """The student (``w`` given) predicts v; the teacher predicts ``teacher_prediction``."""
+    del train, rngs  # no dropout in the latent U-Net
+    b = z.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    extra = {}
+    if w is not None:
+      extra["timestep_cond"] = guidance_embedding(jnp.broadcast_to(w, (b,)), self.w_dim)
+    out = net.apply({"params": params}, z, self.schedule.timestep(t), cond, **extra)
+    kind = "v_prediction" if w is not None else self.teacher_prediction
+    return _v_from_prediction(z, out.astype(z.dtype), self.schedule.logsnr(t), kind)
+
+  def null_cond(self, cond):
+    return jnp.broadcast_to(jnp.asarray(self.context_table[-1], jnp.float32), jnp.shape(cond))
+
+  def logsnr_fn(self, t):
+    return self.schedule.logsnr(t)
+
+  def x_and_cond(self, batch):
+    return batch["latents"], batch["context"]
+
+  def cond_from_labels(self, labels):
+    """Contexts of class labels (the rows of ``context_table``; the null class is its last)."""
+    labels = np.asarray(labels, np.int64)
+    n = self.context_table.shape[0] - 1
+    if labels.size and not (labels.min() >= 0 and labels.max() <= n):
+      raise ValueError(f"labels {sorted(set(labels.tolist()))} are outside [0, {n}] ({n} is the "
+                       "null class).")
+    return jnp.asarray(self.context_table[labels])
+
+  def cond_from_prompts(self, prompts):
+    """The text encoder's contexts of ``prompts`` (a text-conditioned teacher only)."""
+    if self.conditioning != "text":
+      raise ValueError(f"{self.models.path} is class-conditional: pass --labels, not prompts.")
+    return jnp.asarray(self.models.encode_prompt(list(prompts)), jnp.float32)
+
+  def decode(self, x):
+    return self.models.decode_latents(x)
+
+  def encode_images(self, images):
+    """NHWC images in [−1, 1] at any size → scaled latents of ``x_shape``."""
+    size, channels = self._first_stage_input
+    images = jnp.asarray(images, jnp.float32)
+    b, _, _, c = images.shape
+    if channels % c:
+      raise ValueError(f"images with {c} channels cannot fill the first stage's {channels} "
+                       "input channels (data.channels must divide them).")
+    images = jax.image.resize(images, (b, size, size, c), method="bilinear")
+    if c != channels:  # grayscale data for an RGB autoencoder
+      images = jnp.repeat(images, channels // c, axis=-1)
+    return self.models.encode_image(images)
+
+  @property
+  def _first_stage_input(self) -> tuple[int, int]:
+    fs = self.models._first_stage()  # pylint: disable=protected-access
+    return int(fs.sample_size), int(fs.in_channels)
+
+  def prepare_batches(self, batches):
+    """``{"image", "label"}`` batches → ``{"latents", "context"}`` (see the module docstring)."""
+    def encode(batch):
+      latents = np.asarray(self.encode_images(batch["image"]), np.float32)
+      return {"latents": latents, "context": self.context_table[np.asarray(batch["label"])]}
+    return batches.map(encode)
+
+
+def _context_table(models: pretrained.LatentModels, *, conditioning: str, prompt_template: str,
+                   class_names: tuple, num_classes: int) -> np.ndarray:
+  """``[num_classes + 1, L, D]``: each class's context, the null context last."""
+  if conditioning == "class":
+    rows = models.class_embedder.num_classes
+    if rows != num_classes + 1:
+      raise ValueError(f"data.num_classes={num_classes}, but {models.path}/class_embedder has "
+                       f"{rows} rows; it needs num_classes + 1 (the last row is the null class).")
+    return np.asarray(models.encode_class(np.arange(num_classes + 1)), np.float32)
+  names = list(class_names) or [str(i) for i in range(num_classes)]
+  if len(names) != num_classes:
+    raise ValueError(f"latent.class_names has {len(names)} entries, data.num_classes="
+                     f"{num_classes}.")
+  prompts = [prompt_template.format(label=name) for name in names] + [""]
+  return np.asarray(models.encode_prompt(prompts), np.float32)
+
+
+def check_folder(path, conditioning: str) -> None:
+  """One-line errors for a teacher folder that cannot serve the latent family."""
+  if not path:
+    raise ValueError("teacher.pretrained is empty: a latent family imports its teacher; set "
+                     "--config.teacher.pretrained=FOLDER (a diffusers-layout folder; python -m "
+                     "distill.latent.convert makes one from a CompVis file).")
+  folder = epath.Path(path)
+  if not (folder / "model_index.json").exists():
+    raise ValueError(f"teacher.pretrained={path}: no model_index.json; expected a "
+                     "diffusers-layout pipeline folder with unet/, scheduler/ and vae/ or vqvae/.")
+  need = ["unet", "scheduler"]
+  if not (folder / "scheduler" / "scheduler_config.json").exists():
+    raise ValueError(f"teacher.pretrained={path}: no scheduler/scheduler_config.json.")
+  need += ["class_embedder"] if conditioning == "class" else ["text_encoder", "tokenizer"]
+  for part in need:
+    if not (folder / part).is_dir():
+      raise ValueError(f"teacher.pretrained={path}: no {part}/ (latent.conditioning="
+                       f"{conditioning!r} needs {', '.join(p + '/' for p in need)}).")
+  if not ((folder / "vae").is_dir() or (folder / "vqvae").is_dir()):
+    raise ValueError(f"teacher.pretrained={path}: no vae/ or vqvae/ first stage.")
+
+
+def folder_prediction_type(path) -> str:
+  """What the folder's U-Net predicts (its ``scheduler_config.json``; diffusers' default ε)."""
+  sched = epath.Path(path) / "scheduler" / "scheduler_config.json"
+  return json.loads(sched.read_text()).get("prediction_type", "epsilon")
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple,
+          num_classes: int, w_dim: int, v_teacher: bool) -> LatentFamily:
+  check_folder(path, conditioning)
+  models = pretrained.load_pretrained(path)
+  cfg = models.unet.config
+  if cfg.time_cond_proj_dim is not None:
+    raise ValueError(f"teacher.pretrained={path}: its U-Net already has time_cond_proj_dim="
+                     f"{cfg.time_cond_proj_dim}; the teacher must be a guided (two-branch) model.")
+  student = unet.UNet2DConditionModel(dataclasses.replace(cfg, time_cond_proj_dim=w_dim),
+                                      dtype=models.unet.dtype, remat=models.unet.remat)
+  table = _context_table(models, conditioning=conditioning, prompt_template=prompt_template,
+                         class_names=class_names, num_classes=num_classes)
+  probe = jax.eval_shape(lambda: _shape_probe(models))
+  fam = LatentFamily(models=models, teacher=models.unet, student=student,
+                     x_shape=tuple(probe.shape[1:]),
+                     teacher_prediction="v_prediction" if v_teacher else models.prediction_type,
+                     conditioning=conditioning, context_table=table)
+  return fam
+
+
+def _shape_probe(models):
+  fs = models._first_stage()  # pylint: disable=protected-access
+  images = jnp.zeros((1, fs.sample_size, fs.sample_size, fs.in_channels))
+  if models.vae is not None:
+    return models.vae.apply({"params": models.vae_params}, images,
+                            method=vae.AutoencoderKL.encode)[0]
+  return models.vqvae.apply({"params": models.vqvae_params}, images, method=vae.VQModel.encode)
+
+
+def from_config(config) -> LatentFamily:
+  """The latent family of ``config`` (``teacher.pretrained`` and the ``latent`` section);
+  ``teacher_prediction`` is v when the chain has a ``teacher_v`` link."""
+  lat = config.latent
+  if lat.conditioning not in CONDITIONINGS:
+    raise ValueError(f"latent.conditioning={lat.conditioning!r} is not one of "
+                     f"{list(CONDITIONINGS)}.")
+  if lat.conditioning == "text" and "{label}" not in lat.prompt_template:
+    raise ValueError(f"latent.prompt_template={lat.prompt_template!r} must contain {{label}}.")
+  if not (lat.w_embedding_dim >= 4 and lat.w_embedding_dim % 2 == 0):
+    raise ValueError(f"latent.w_embedding_dim={lat.w_embedding_dim} must be an even number "
+                     ">= 4 (diffusers' default is 256).")
+  return _load(str(config.teacher.pretrained), str(lat.conditioning), str(lat.prompt_template),
+               tuple(str(n) for n in (lat.get("class_names") or ())),
+               int(config.data.num_classes), int(lat.w_embedding_dim),
+               layout.has_teacher_v(config))
+
