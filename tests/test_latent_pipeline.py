@@ -1,0 +1,154 @@
+"""The latent chain through the CLI: imported teacher → teacher_v → stage one → the halving 2 → 1.
+
+On the tiny class-conditional fixture (cin256-like): a run killed with SIGKILL in stage one,
+from another directory with relative paths, then finished by the same command, ends with
+teacher_v's and stage one's parameters bit-identical to an uninterrupted run; a rerun trains nothing; a
+changed config is refused; ``distill.sample --labels`` decodes images. On the tiny SD-like
+fixture (text): the chain runs and ``distill.sample --prompt`` decodes images of prompts.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from distill import layout, pipeline
+from distill.config_utils import load_config
+from test_pipeline import DRIVER  # the SIGKILL driver of the pixel chain's test
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("latent_pipeline")
+
+# Four steps per link, a checkpoint every two, halvings 2 → 1: every link trains and saves.
+OVERRIDES = {"num_devices": 1, "teacher_v.num_train_steps": 4, "stage_one.num_train_steps": 4,
+             "stage_two.train_steps_per_halving": 4, "stage_two.start_num_steps": 2}
+for _name in ("teacher_v", "stage_one", "stage_two"):
+  OVERRIDES[f"{_name}.checkpoint_every"] = 2
+  OVERRIDES[f"{_name}.sample_every"] = 4
+
+
+def _config(name):
+  config = load_config(f"{name}:runlocal")
+  for key, value in OVERRIDES.items():
+    holder = config
+    *sections, field = key.split(".")
+    for section in sections:
+      holder = holder[section]
+    holder[field] = value
+  return config
+
+
+def _flags():
+  return [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+
+
+def _final_params(config, workdir, names=("teacher_v", "stage_one")):
+  mesh = pipeline.make_mesh(config)
+  return {link.name: jax.device_get(layout.read_final_params(config, workdir, link, mesh))
+          for link in layout.chain(config) if link.name in names}
+
+
+def _equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def _cli(cwd, name, workdir, *, stop_at=None, extra=()):
+  env = dict(os.environ)
+  config = os.path.relpath(REPO / "configs" / f"{name}.py", cwd)
+  args = [f"--config={config}:runlocal", f"--workdir={workdir}", *_flags(), *extra]
+  if stop_at:
+    env.update(STOP_AT=stop_at, STOP_HOW="kill")
+    cmd = [sys.executable, "-c", DRIVER, *args]
+  else:
+    cmd = [sys.executable, "-m", "distill.main", *args]
+  return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def _sample(cwd, workdir, *args):
+  return subprocess.run([sys.executable, "-m", "distill.sample", f"--workdir={workdir}", *args],
+                        cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cin_reference(tmp_path_factory):
+  """The links up to stage one, uninterrupted (the halving's resume is the pixel chain's test)."""
+  config = _config("ldm_cin256")
+  config.stages = "teacher,teacher_v,stage_one"
+  workdir = tmp_path_factory.mktemp("cin_reference")
+  pipeline.run(config, workdir)
+  return workdir
+
+
+def test_cin_chain_killed_and_resumed_through_the_cli_is_bit_identical(tmp_path, cin_reference):
+  config = _config("ldm_cin256")
+  assert [link.name for link in layout.chain(config)] == [
+      "teacher", "teacher_v", "stage_one", "stage_two/N=1"]
+  cwd = tmp_path / "elsewhere"
+  cwd.mkdir()
+  workdir = cwd / "runs" / "cin"
+  killed = _cli(cwd, "ldm_cin256", "runs/cin", stop_at="stage_one:2")
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  stages = json.loads((workdir / "manifest.json").read_text())["stages"]
+  assert "teacher_v" in stages and "stage_one" not in stages and "teacher" not in stages
+
+  finished = _cli(cwd, "ldm_cin256", "runs/cin")
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert "teacher: not trained" in finished.stderr
+  assert "teacher_v (link 1/3): complete" in finished.stderr
+  assert re.search(r"stage_two/N=1 step 4/4: .* \| link 3/3", finished.stderr)
+  resumed, straight = _final_params(config, workdir), _final_params(config, cin_reference)
+  assert set(straight) == {"teacher_v", "stage_one"}
+  for name in straight:
+    assert _equal(resumed[name], straight[name]), name
+  # Each link trained: teacher_v moved away from the imported weights, stage one added cond_proj.
+  imported = jax.device_get(layout.read_final_params(
+      config, workdir, layout.chain(config)[0], pipeline.make_mesh(config)))
+  assert not _equal(imported, resumed["teacher_v"])
+  assert "time_embedding_cond_proj" in resumed["stage_one"]
+  assert float(np.abs(resumed["stage_one"]["time_embedding_cond_proj"]["kernel"]).max()) > 0
+  halving = _final_params(config, workdir, names=("stage_two/N=1",))["stage_two/N=1"]
+  assert not _equal(halving, resumed["stage_one"])
+
+  again = _cli(cwd, "ldm_cin256", "runs/cin")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert not re.search(r"\S+ step \d+/\d+: loss", again.stderr)
+
+  changed = _cli(cwd, "ldm_cin256", "runs/cin", extra=("--config.stage_one.lr=0.005",))
+  assert changed.returncode != 0
+  assert re.search(r"stage_one\.lr: 0\.001 -> 0\.005", changed.stderr), changed.stderr[-2000:]
+
+  out = _sample(cwd, "runs/cin", "--model=student", "--num_steps=1", "--labels=3,7", "--w=0,4",
+                "--per_row=2", "--out=samples")
+  assert out.returncode == 0, out.stderr[-2000:]
+  with np.load(cwd / "samples" / "student1_deterministic_1steps_seed0.npz") as f:
+    assert f["images"].shape == (4, 16, 16, 3)  # decoded by the VQ first stage
+    assert list(f["labels"]) == [3, 7, 3, 7] and list(f["w"]) == [0, 0, 4, 4]
+  refused = _sample(cwd, "runs/cin", "--model=student", "--num_steps=1", "--prompt=a cat")
+  assert refused.returncode != 0
+  assert refused.stderr.strip().splitlines()[-1].endswith("pass --labels, not prompts.")
+
+
+def test_sd_chain_and_prompts_to_images(tmp_path):
+  cwd = tmp_path / "elsewhere"
+  cwd.mkdir()
+  run = _cli(cwd, "sd15", "runs/sd")
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert re.search(r"stage_two/N=1 step 4/4", run.stderr)
+  (cwd / "prompts.txt").write_text("a handwritten digit three\n\na cat\n")
+  for model in (("--model=student", "--num_steps=1"), ("--model=teacher", "--num_steps=2")):
+    out = _sample(cwd, "runs/sd", *model, "--prompt=a dog", "--prompts_file=prompts.txt",
+                  "--w=2,8", "--out=samples")
+    assert out.returncode == 0, out.stderr[-2000:]
+  with np.load(cwd / "samples" / "student1_deterministic_1steps_seed0.npz") as f:
+    assert f["images"].shape == (8, 16, 16, 3)  # decoded by the KL first stage
+    assert list(f["prompts"][:4]) == ["a dog", "a handwritten digit three", "a cat", "a dog"]
+    assert list(f["w"]) == [2] * 4 + [8] * 4
+    assert np.isfinite(f["images"]).all()
+    assert not np.allclose(f["images"][0], f["images"][1])  # a prompt changes the image
+  assert (cwd / "samples" / "teacher_deterministic_2steps_seed0.png").is_file()
