@@ -215,6 +215,9 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
   config.latent.conditioning = conditioning
   config.latent.prompt_template = "a photo of a {label}"  # text: the prompt of a class
   config.latent.class_names = ()  # text: one name per class; empty = the label numbers
+  # Prompts of the progress grids when the data are image–caption pairs (data.num_classes = 0).
+  config.latent.sample_prompts = ("a photo of a cat", "a photo of a dog", "a red car",
+                                  "a bowl of fruit")
   config.latent.w_embedding_dim = 256  # diffusers' time_cond_proj_dim (LCM's default)
   # ε→v fine-tuning (paper §4.2): the teacher's network read as v-prediction, trained with the
   # teacher's objective and condition dropout; 0 steps removes the link (the ε-teacher is then

@@ -68,6 +68,9 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
     check_latent(config, stages)
   else:
     check_model_config(config)
+    if config.data.name == "image_text":
+      raise ValueError("data.name='image_text' holds captions, not labels: it serves a "
+                       "text-conditioned latent teacher (see configs/sd15.py).")
     if config.teacher.get("pretrained"):
       raise ValueError("teacher.pretrained is set but family='pixel': a diffusers-layout teacher "
                        "needs --config.family=latent (and a latent section; see configs/sd15.py).")
@@ -129,6 +132,20 @@ def check_latent(config, stages) -> None:
     raise ValueError(f"teacher.pretrained={config.teacher.pretrained} predicts {kind!r}, and the "
                      "student predicts v, starting from its teacher: keep the ε→v fine-tuning "
                      "(teacher_v.num_train_steps > 0, paper §4.2).")
+  if config.data.name == "image_text":
+    if config.latent.conditioning != "text":
+      raise ValueError("data.name='image_text' (captions) needs latent.conditioning='text'.")
+    if config.data.num_classes:
+      raise ValueError(f"data.num_classes={config.data.num_classes}: image–caption data have no "
+                       "labels; set --config.data.num_classes=0.")
+    if not config.latent.sample_prompts:
+      raise ValueError("latent.sample_prompts is empty: the progress grids of caption data need "
+                       "at least one prompt.")
+    from distill import image_text  # pylint: disable=import-outside-toplevel
+    image_text.ImageTextSource(config.data.get("data_dir"), config.data.image_size)  # or errors
+  elif not config.data.num_classes > 0:
+    raise ValueError(f"data.num_classes={config.data.num_classes} must be > 0 for data.name="
+                     f"{config.data.name!r} (only image_text data come without labels).")
   for name in ("teacher_v", "stage_one", "stage_two"):
     if name in config and config[name].get("dropout", 0.0):
       raise ValueError(f"{name}.dropout={config[name].dropout}: the latent U-Net has no dropout; "

@@ -9,6 +9,9 @@ restarted run resumes at exactly the right position with no iterator state to sa
 * ``cifar10`` and ``imagenet64`` (tfds ``imagenet_resized/64x64``): ``tfds.data_source`` (random
   access, never downloads here), random horizontal flip, scaled to [−1, 1], area-downsampled
   when ``data.image_size`` is an integer fraction of the native size (the ``runlocal`` configs).
+* ``image_text``: image–caption pairs from a folder with ``captions.jsonl`` or webdataset
+  ``.tar`` shards (``distill/image_text.py``), for text-conditioned latent teachers; batches
+  hold ``caption`` strings instead of labels.
 
 Each host reads only its own rows of every global batch, so the batches of a run are the same
 for any number of hosts.
@@ -41,7 +44,7 @@ TFDS_DATASETS = {
     "cifar10": TfdsSpec("cifar10", "train", "test", 32, 3, 10),
     "imagenet64": TfdsSpec("imagenet_resized/64x64", "train", "validation", 64, 3, 1000),
 }
-DATASETS = ("digits",) + tuple(TFDS_DATASETS)
+DATASETS = ("digits",) + tuple(TFDS_DATASETS) + ("image_text",)
 
 
 def digits_arrays(split: str = "train"):
@@ -112,9 +115,14 @@ def tfds_source(data_config, split: str):
 
 
 def source(data_config, split: str = "train"):
-  """Random-access source of ``{"image": float32 [H, W, C] in [−1, 1], "label": int32}``."""
+  """Random-access source of ``{"image": float32 [H, W, C] in [−1, 1], "label": int32}`` (or
+  ``"caption": str`` instead of the label for ``image_text``, ``distill/image_text.py``)."""
   if data_config.name == "digits":
     return _ArraySource(*digits_arrays(split))
+  if data_config.name == "image_text":
+    from distill import image_text  # pylint: disable=import-outside-toplevel
+    return image_text.ImageTextSource(data_config.get("data_dir"), data_config.image_size,
+                                      split=split, held_out=int(data_config.get("held_out", 0)))
   if data_config.name in TFDS_DATASETS:
     return tfds_source(data_config, split)
   raise ValueError(f"data.name={data_config.name!r} is unknown: use one of {list(DATASETS)}.")
@@ -127,8 +135,12 @@ def _flip(item, rng: np.random.Generator):
 
 
 def _stack(items):
-  return {"image": np.stack([x["image"] for x in items]).astype(np.float32),
-          "label": np.asarray([x["label"] for x in items], np.int32)}
+  out = {"image": np.stack([x["image"] for x in items]).astype(np.float32)}
+  if "caption" in items[0]:
+    out["caption"] = np.asarray([x["caption"] for x in items], object)
+  else:
+    out["label"] = np.asarray([x["label"] for x in items], np.int32)
+  return out
 
 
 def train_batches(data_config, *, global_batch_size: int, seed: int,

@@ -45,9 +45,14 @@ def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: i
 
   ``guided``: the teacher, two network evaluations per step; otherwise a w-conditioned student.
   """
-  per_row = per_row or min(config.data.num_classes, 10)
   rows = len(w_values)
-  cond = fam.cond_from_labels(jnp.tile(jnp.arange(per_row) % config.data.num_classes, rows))
+  if config.data.num_classes:
+    per_row = per_row or min(config.data.num_classes, 10)
+    cond = fam.cond_from_labels(jnp.tile(jnp.arange(per_row) % config.data.num_classes, rows))
+  else:  # image–caption data: the config's grid prompts
+    prompts = list(config.latent.sample_prompts)
+    per_row = per_row or len(prompts)
+    cond = fam.cond_from_prompts([prompts[i % len(prompts)] for i in range(per_row)] * rows)
   w = jnp.repeat(jnp.asarray(w_values, jnp.float32), per_row)
   z1 = jax.random.normal(jax.random.key(1234), (rows * per_row,) + fam.x_shape)
   make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn

@@ -208,6 +208,9 @@ def _main(argv):
   else:
     per_row = args.per_row or 10
     classes = loaded.config.data.num_classes
+    if not classes:
+      raise ValueError(f"the model in {args.workdir} was trained on image–caption data: pass "
+                       "--prompt=TEXT (or --prompts_file).")
     row_labels = ([int(v) for v in args.labels.split(",") if v.strip()] if args.labels
                   else list(range(per_row)))
     bad = [c for c in row_labels if not 0 <= c < classes] if args.labels else []

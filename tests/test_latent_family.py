@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import denoiser, family, guidance, losses
+from distill import denoiser, family, guidance, layout, losses
 from distill.config_utils import load_config
 from distill.latent import family as latent_family
 from distill.latent import teacher as teacher_lib
@@ -215,3 +215,50 @@ def test_prepare_batches_encodes_resized_images(fam):
   want = fam.models.encode_image(jnp.repeat(images, 3, axis=-1))
   np.testing.assert_allclose(mapped["latents"], np.asarray(want), atol=1e-5)
   np.testing.assert_array_equal(mapped["context"], fam.context_table[raw["label"]])
+
+
+def _sd15_folder(root):
+  """A full-size SD 1.5 folder of config files only (the published configs; no weights)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from distill.latent import reference_configs as ref  # pylint: disable=import-outside-toplevel
+  parts = {"unet": ref.SD15_UNET, "vae": ref.SD15_VAE, "text_encoder": ref.SD15_TEXT_ENCODER}
+  for name, cfg in parts.items():
+    (root / name).mkdir(parents=True)
+    (root / name / "config.json").write_text(json.dumps(cfg))
+  (root / "scheduler").mkdir()
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(ref.SD15_SCHEDULER))
+  shutil.copytree(REPO / "tests" / "fixtures" / "latent" / "tiny-sd" / "tokenizer",
+                  root / "tokenizer")
+  index = {name: ["diffusers", "x"] for name in (*parts, "scheduler", "tokenizer")}
+  (root / "model_index.json").write_text(json.dumps(index))
+  return root
+
+
+def test_full_size_sd15_builds_and_lowers_its_training_steps(tmp_path):
+  """configs/sd15.py on a full-size SD 1.5 layout: the family and the stage-one and stage-two
+  train steps build and lower on abstract shapes (per-chip batch 1; nothing is allocated)."""
+  from distill import sharding, train  # pylint: disable=import-outside-toplevel
+  config = load_config("sd15")
+  config.teacher.pretrained = str(_sd15_folder(tmp_path / "sd15"))
+  fam_sd = latent_family.from_config(config, shapes_only=True)
+  assert fam_sd.x_shape == (64, 64, 4) and fam_sd.context_table.shape == (1001, 77, 768)
+  assert fam_sd.student.config.time_cond_proj_dim == 256
+  teacher = fam_sd.models.unet_params
+  n_params = sum(x.size for x in jax.tree.leaves(teacher))
+  assert 859e6 < n_params < 860e6  # SD 1.5's U-Net
+  mesh = sharding.make_mesh(1)
+  batch = {"latents": jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32),
+           "context": jax.ShapeDtypeStruct((1, 77, 768), jnp.float32)}
+  w = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
+  for objective, section, frozen in (
+      (losses.stage_one_objective(fam_sd, **w), config.stage_one, teacher),
+      (losses.stage_two_objective(fam_sd, **w), layout.halving_section(config, 4),
+       {"params": jax.eval_shape(lambda p: fam_sd.student_from_teacher(p, None), teacher),
+        "num_student_steps": jax.ShapeDtypeStruct((), jnp.int32)})):
+    tx, schedule = train.make_optimizer(section)
+    step = train.make_train_step(objective, tx, schedule, ema_decay=section.ema_decay, mesh=mesh)
+    state = jax.eval_shape(lambda p, tx=tx: train.init_state(fam_sd.student_from_teacher(p, None),
+                                                             tx), teacher)
+    lowered = step.lower(state, frozen, batch, jax.random.key(0))
+    assert lowered.cost_analysis()["flops"] > 1e12  # SD's U-Net at 64×64 latents, with gradients

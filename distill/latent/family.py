@@ -16,8 +16,9 @@ of ``distill/family.py``.
   (class-conditional LDM, the null class is its last row) or the text encoder's context (SD, the
   null condition is the empty prompt ``""``). For labelled data the contexts of every class are
   computed once (``context_table``; for text, ``latent.prompt_template`` per class name).
-* **Data.** ``prepare_batches`` maps the data pipeline's ``{"image", "label"}`` batches to
-  ``{"latents", "context"}`` outside the train step: images resized to the first stage's
+* **Data.** ``prepare_batches`` maps the data pipeline's ``{"image", "label"}`` (or, from
+  image–caption data, ``{"image", "caption"}``: the text encoder's context of each caption)
+  batches to ``{"latents", "context"}`` outside the train step: images resized to the first stage's
   ``sample_size`` (channels repeated to its ``in_channels``) and encoded to the
   ``scaling_factor``-scaled posterior mean (or a VQ model's pre-quantisation latents). A batch
   stays a pure function of its step, so a resumed run reads the same latents.
@@ -156,27 +157,41 @@ class LatentFamily:
     return int(fs.sample_size), int(fs.in_channels)
 
   def prepare_batches(self, batches):
-    """``{"image", "label"}`` batches → ``{"latents", "context"}`` (see the module docstring)."""
+    """``{"image", "label" or "caption"}`` batches → ``{"latents", "context"}`` (see the module
+    docstring); captions go through the text encoder."""
     def encode(batch):
       latents = np.asarray(self.encode_images(batch["image"]), np.float32)
-      return {"latents": latents, "context": self.context_table[np.asarray(batch["label"])]}
+      if "caption" in batch:
+        context = np.asarray(self.cond_from_prompts([str(c) for c in batch["caption"]]))
+      else:
+        context = self.context_table[np.asarray(batch["label"])]
+      return {"latents": latents, "context": context}
     return batches.map(encode)
 
 
 def _context_table(models: pretrained.LatentModels, *, conditioning: str, prompt_template: str,
-                   class_names: tuple, num_classes: int) -> np.ndarray:
-  """``[num_classes + 1, L, D]``: each class's context, the null context last."""
+                   class_names: tuple, num_classes: int, shapes_only: bool = False):
+  """``[num_classes + 1, L, D]``: each class's context, the null context last (with
+  ``shapes_only``, zeros of that shape: nothing can be encoded without weights)."""
   if conditioning == "class":
     rows = models.class_embedder.num_classes
     if rows != num_classes + 1:
       raise ValueError(f"data.num_classes={num_classes}, but {models.path}/class_embedder has "
                        f"{rows} rows; it needs num_classes + 1 (the last row is the null class).")
+    if shapes_only:
+      return np.zeros(jax.eval_shape(lambda p: models.class_embedder.apply(
+          {"params": p}, jnp.arange(num_classes + 1)), models.class_embedder_params).shape,
+                      np.float32)
     return np.asarray(models.encode_class(np.arange(num_classes + 1)), np.float32)
   names = list(class_names) or [str(i) for i in range(num_classes)]
   if len(names) != num_classes:
     raise ValueError(f"latent.class_names has {len(names)} entries, data.num_classes="
                      f"{num_classes}.")
   prompts = [prompt_template.format(label=name) for name in names] + [""]
+  if shapes_only:
+    ids = jnp.asarray(models.tokenizer(prompts))
+    return np.zeros(jax.eval_shape(lambda p: models.text_encoder.apply({"params": p}, ids),
+                                   models.text_encoder_params).shape, np.float32)
   return np.asarray(models.encode_prompt(prompts), np.float32)
 
 
@@ -210,9 +225,9 @@ def folder_prediction_type(path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple,
-          num_classes: int, w_dim: int, v_teacher: bool) -> LatentFamily:
+          num_classes: int, w_dim: int, v_teacher: bool, shapes_only: bool) -> LatentFamily:
   check_folder(path, conditioning)
-  models = pretrained.load_pretrained(path)
+  models = pretrained.load_pretrained(path, shapes_only=shapes_only)
   cfg = models.unet.config
   if cfg.time_cond_proj_dim is not None:
     raise ValueError(f"teacher.pretrained={path}: its U-Net already has time_cond_proj_dim="
@@ -220,8 +235,9 @@ def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple
   student = unet.UNet2DConditionModel(dataclasses.replace(cfg, time_cond_proj_dim=w_dim),
                                       dtype=models.unet.dtype, remat=models.unet.remat)
   table = _context_table(models, conditioning=conditioning, prompt_template=prompt_template,
-                         class_names=class_names, num_classes=num_classes)
-  probe = jax.eval_shape(lambda: _shape_probe(models))
+                         class_names=class_names, num_classes=num_classes,
+                         shapes_only=shapes_only)
+  probe = _shape_probe(models)
   fam = LatentFamily(models=models, teacher=models.unet, student=student,
                      x_shape=tuple(probe.shape[1:]),
                      teacher_prediction="v_prediction" if v_teacher else models.prediction_type,
@@ -230,17 +246,21 @@ def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple
 
 
 def _shape_probe(models):
+  """The shape of the first stage's latents of one image (traced, nothing computed)."""
   fs = models._first_stage()  # pylint: disable=protected-access
-  images = jnp.zeros((1, fs.sample_size, fs.sample_size, fs.in_channels))
+  images = jax.ShapeDtypeStruct((1, fs.sample_size, fs.sample_size, fs.in_channels), jnp.float32)
   if models.vae is not None:
-    return models.vae.apply({"params": models.vae_params}, images,
-                            method=vae.AutoencoderKL.encode)[0]
-  return models.vqvae.apply({"params": models.vqvae_params}, images, method=vae.VQModel.encode)
+    return jax.eval_shape(lambda p, x: models.vae.apply(
+        {"params": p}, x, method=vae.AutoencoderKL.encode)[0], models.vae_params, images)
+  return jax.eval_shape(lambda p, x: models.vqvae.apply(
+      {"params": p}, x, method=vae.VQModel.encode), models.vqvae_params, images)
 
 
-def from_config(config) -> LatentFamily:
+def from_config(config, *, shapes_only: bool = False) -> LatentFamily:
   """The latent family of ``config`` (``teacher.pretrained`` and the ``latent`` section);
-  ``teacher_prediction`` is v when the chain has a ``teacher_v`` link."""
+  ``teacher_prediction`` is v when the chain has a ``teacher_v`` link. ``shapes_only``: the
+  folder's parameters as shapes (``load_pretrained(shapes_only=True)``) and zero contexts, to
+  build and lower the training steps of a full-size teacher without its weights."""
   lat = config.latent
   if lat.conditioning not in CONDITIONINGS:
     raise ValueError(f"latent.conditioning={lat.conditioning!r} is not one of "
@@ -253,5 +273,5 @@ def from_config(config) -> LatentFamily:
   return _load(str(config.teacher.pretrained), str(lat.conditioning), str(lat.prompt_template),
                tuple(str(n) for n in (lat.get("class_names") or ())),
                int(config.data.num_classes), int(lat.w_embedding_dim),
-               layout.has_teacher_v(config))
+               layout.has_teacher_v(config), shapes_only)
 

@@ -33,15 +33,19 @@ def _config(folder: epath.Path, name: str = "config.json") -> dict:
   return json.loads(path.read_text())
 
 
-def _load_params(module, example_args, folder, what, variant, key_prefix: str = ""):
+def _load_params(module, example_args, folder, what, variant, key_prefix: str = "", *,
+                 shapes_only: bool = False):
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))["params"]
+  if shapes_only:  # the parameters' shapes and dtypes: no weight file is read
+    return abstract
   tensors = weights.read_safetensors(weights.safetensors_files(folder, variant))
   if key_prefix:
     tensors = {k if k.startswith(key_prefix) else key_prefix + k: v for k, v in tensors.items()}
   return weights.load_into(abstract, tensors, what=what)
 
 
-def load_unet(folder, *, dtype=jnp.float32, remat: bool = False, variant: str | None = None):
+def load_unet(folder, *, dtype=jnp.float32, remat: bool = False, variant: str | None = None,
+              shapes_only: bool = False):
   """``(UNet2DConditionModel, params)`` from a diffusers ``unet/`` folder."""
   folder = epath.Path(folder)
   cfg = unet.UNetConfig.from_diffusers(_config(folder))
@@ -51,39 +55,46 @@ def load_unet(folder, *, dtype=jnp.float32, remat: bool = False, variant: str | 
           jnp.zeros((1, 1, cfg.cross_attention_dim))]
   if cfg.time_cond_proj_dim is not None:
     args.append(jnp.zeros((1, cfg.time_cond_proj_dim)))
-  return module, _load_params(module, args, folder, f"{folder.name}", variant)
+  return module, _load_params(module, args, folder, f"{folder.name}", variant,
+                              shapes_only=shapes_only)
 
 
-def load_vae(folder, *, dtype=jnp.float32, variant: str | None = None):
+def load_vae(folder, *, dtype=jnp.float32, variant: str | None = None,
+             shapes_only: bool = False):
   """``(AutoencoderKL, params)`` from a diffusers ``vae/`` folder."""
   folder = epath.Path(folder)
   cfg = vae.VAEConfig.from_diffusers(_config(folder))
   module = vae.AutoencoderKL(cfg, dtype=dtype)
   size = 2 ** (len(cfg.block_out_channels) - 1)
   args = [jnp.zeros((1, size, size, cfg.in_channels))]
-  return module, _load_params(module, args, folder, f"{folder.name}", variant)
+  return module, _load_params(module, args, folder, f"{folder.name}", variant,
+                              shapes_only=shapes_only)
 
 
-def load_vqvae(folder, *, dtype=jnp.float32, variant: str | None = None):
+def load_vqvae(folder, *, dtype=jnp.float32, variant: str | None = None,
+               shapes_only: bool = False):
   """``(VQModel, params)`` from a diffusers ``vqvae/`` folder (LDM's VQ first stage)."""
   folder = epath.Path(folder)
   cfg = vae.VQConfig.from_diffusers(_config(folder))
   module = vae.VQModel(cfg, dtype=dtype)
   size = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)
   args = [jnp.zeros((1, size, size, cfg.autoencoder.in_channels))]
-  return module, _load_params(module, args, folder, f"{folder.name}", variant)
+  return module, _load_params(module, args, folder, f"{folder.name}", variant,
+                              shapes_only=shapes_only)
 
 
-def load_class_embedder(folder, *, variant: str | None = None):
+def load_class_embedder(folder, *, variant: str | None = None, shapes_only: bool = False):
   """``(ClassEmbedder, params)`` from a ``class_embedder/`` folder: ``config.json`` with
   ``num_classes`` and ``embed_dim``, and ``embedding.weight`` in safetensors."""
   folder = epath.Path(folder)
   cfg = _config(folder)
   module = vae.ClassEmbedder(int(cfg["num_classes"]), int(cfg["embed_dim"]))
-  return module, _load_params(module, [jnp.zeros((1,), jnp.int32)], folder, folder.name, variant)
+  return module, _load_params(module, [jnp.zeros((1,), jnp.int32)], folder, folder.name, variant,
+                              shapes_only=shapes_only)
 
 
-def load_text_encoder(folder, *, dtype=jnp.float32, variant: str | None = None):
+def load_text_encoder(folder, *, dtype=jnp.float32, variant: str | None = None,
+                      shapes_only: bool = False):
   """``(CLIPTextTransformer, params)`` from a transformers ``text_encoder/`` folder."""
   folder = epath.Path(folder)
   cfg = clip.CLIPTextConfig.from_transformers(_config(folder))
@@ -91,7 +102,7 @@ def load_text_encoder(folder, *, dtype=jnp.float32, variant: str | None = None):
   args = [jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)]
   # transformers 5 saves CLIPTextModel keys without the ``text_model.`` prefix of SD 1.x files.
   return module, _load_params(module, args, folder, f"{folder.name}", variant,
-                              key_prefix="text_model.")
+                              key_prefix="text_model.", shapes_only=shapes_only)
 
 
 @dataclasses.dataclass
@@ -194,9 +205,11 @@ _LOADERS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "VQModel": "
 
 
 def load_pretrained(path, *, dtype=jnp.float32, remat: bool = False,
-                    variant: str | None = None) -> LatentModels:
+                    variant: str | None = None, shapes_only: bool = False) -> LatentModels:
   """Loads a diffusers-layout folder (see module docstring); ``variant`` picks e.g.
-  ``*.fp16.safetensors`` files; ``dtype`` is the activation dtype of every module."""
+  ``*.fp16.safetensors`` files; ``dtype`` is the activation dtype of every module.
+  ``shapes_only``: the parameters are ``jax.ShapeDtypeStruct`` leaves and no weight file is
+  read (a folder of ``config.json`` files suffices), for building and lowering programs."""
   path = epath.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"{path} is not a folder; load_pretrained reads a diffusers-layout "
@@ -219,17 +232,19 @@ def load_pretrained(path, *, dtype=jnp.float32, remat: bool = False,
   out = LatentModels(path=path)
   if "unet" in parts:
     out.unet, out.unet_params = load_unet(parts["unet"], dtype=dtype, remat=remat,
-                                          variant=variant)
+                                          variant=variant, shapes_only=shapes_only)
   if "vae" in parts:
-    out.vae, out.vae_params = load_vae(parts["vae"], dtype=dtype, variant=variant)
+    out.vae, out.vae_params = load_vae(parts["vae"], dtype=dtype, variant=variant,
+                                       shapes_only=shapes_only)
   if "vqvae" in parts:
-    out.vqvae, out.vqvae_params = load_vqvae(parts["vqvae"], dtype=dtype, variant=variant)
+    out.vqvae, out.vqvae_params = load_vqvae(parts["vqvae"], dtype=dtype, variant=variant,
+                                             shapes_only=shapes_only)
   if "class_embedder" in parts:
     out.class_embedder, out.class_embedder_params = load_class_embedder(
-        parts["class_embedder"], variant=variant)
+        parts["class_embedder"], variant=variant, shapes_only=shapes_only)
   if "text_encoder" in parts:
     out.text_encoder, out.text_encoder_params = load_text_encoder(
-        parts["text_encoder"], dtype=dtype, variant=variant)
+        parts["text_encoder"], dtype=dtype, variant=variant, shapes_only=shapes_only)
   if "tokenizer" in parts:
     out.tokenizer = tokenizer_lib.CLIPTokenizer(parts["tokenizer"])
   if "scheduler" in parts:
