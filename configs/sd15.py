@@ -1,17 +1,20 @@
 r"""Stable Diffusion 1.5 distilled for every guidance weight (paper §4.2, text-to-image).
 
 COMMAND: python -m distill.main --config=configs/sd15.py \
-             --config.teacher.pretrained=stable-diffusion-v1-5 --workdir=gs://BUCKET/sd15
+             --config.teacher.pretrained=stable-diffusion-v1-5 \
+             --config.data.data_dir=gs://BUCKET/laion-shards --workdir=gs://BUCKET/sd15
 SMOKE:   python -m distill.main --config=configs/sd15.py:runlocal --workdir=runs/sd15_local
 
 The teacher is a diffusers-layout SD 1.x folder (``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``); it is fine-tuned to v-prediction (``teacher_v``), then distilled:
 stage one for w ∈ [2, 14] (diffusers' guidance_scale ∈ [3, 15]: our w is guidance_scale − 1),
 batch 512, 3000 steps; then the halvings from 512 steps, 2000 steps each and 20 000 for
-students with 4 steps or fewer, no EMA. The paper evaluates at w = 8. Until image–text data
-sources arrive, the data are class-labelled images whose prompts are
-``latent.prompt_template`` per class name. ``runlocal`` runs the whole chain on CPU over the
-tiny SD-like fixture (``tests/fixtures/latent/tiny-sd``, random weights) and the digits.
+students with 4 steps or fewer, no EMA. The paper evaluates at w = 8. The data are
+image–caption pairs at 512² (``data.name = "image_text"``: webdataset ``.tar`` shards as
+img2dataset writes them, or a folder with ``captions.jsonl``; ``distill/image_text.py``).
+``runlocal`` runs the whole chain on CPU over the tiny SD-like fixture
+(``tests/fixtures/latent/tiny-sd``, random weights) and the digits, each with the prompt
+``latent.prompt_template`` of its class name.
 """
 
 import pathlib
@@ -24,10 +27,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 def get_config(arg=None):
   args = common.parse_arg(arg)
   config = common.latent_base_config(pretrained="", conditioning="text")
-  config.data.name = "imagenet64"
-  config.data.image_size = 64
+  config.data.name = "image_text"
+  config.data.data_dir = ""  # shards or a captions.jsonl folder: --config.data.data_dir=...
+  config.data.image_size = 512
   config.data.channels = 3
-  config.data.num_classes = 1000
+  config.data.num_classes = 0  # captions, no labels
   config.data.random_flip = True
 
   config.stage_one.batch_size = 512

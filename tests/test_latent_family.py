@@ -242,7 +242,7 @@ def test_full_size_sd15_builds_and_lowers_its_training_steps(tmp_path):
   config = load_config("sd15")
   config.teacher.pretrained = str(_sd15_folder(tmp_path / "sd15"))
   fam_sd = latent_family.from_config(config, shapes_only=True)
-  assert fam_sd.x_shape == (64, 64, 4) and fam_sd.context_table.shape == (1001, 77, 768)
+  assert fam_sd.x_shape == (64, 64, 4) and fam_sd.context_table.shape == (1, 77, 768)
   assert fam_sd.student.config.time_cond_proj_dim == 256
   teacher = fam_sd.models.unet_params
   n_params = sum(x.size for x in jax.tree.leaves(teacher))
