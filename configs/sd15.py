@@ -34,21 +34,7 @@ def get_config(arg=None):
   config.data.num_classes = 0  # captions, no labels
   config.data.random_flip = True
 
-  config.stage_one.batch_size = 512
-  config.stage_one.num_train_steps = 3000
-  config.stage_one.lr = 1e-4
-  config.stage_one.w_min = 2.0
-  config.stage_one.w_max = 14.0
-  config.stage_one.sample_w = (2.0, 8.0)
-  config.stage_two.batch_size = 512
-  config.stage_two.lr = 1e-4
-  config.stage_two.ema_decay = 0.0
-  config.stage_two.start_num_steps = 512
-  config.stage_two.end_num_steps = 1
-  config.stage_two.train_steps_per_halving = 2000
-  config.stage_two.long_halving_max_steps = 4
-  config.stage_two.long_halving_train_steps = 20_000
-  config.stage_two.sample_w = (2.0, 8.0)
+  common.paper_latent_distillation(config, w_min=2.0, w_max=14.0, sample_w=(2.0, 8.0))
   if args.get("runlocal"):
     common.shrink_latent_for_cpu(
         config, pretrained=str(REPO / "tests" / "fixtures" / "latent" / "tiny-sd"))
