@@ -8,6 +8,7 @@ resolved against the working directory of the command, ``~`` is expanded, and UR
 from __future__ import annotations
 
 import os
+import uuid
 
 import ml_collections
 from etils import epath
@@ -44,7 +45,8 @@ def check_writable(directory, *, what: str = "--workdir") -> epath.Path:
   """Creates ``directory`` if needed and writes a probe file in it, or raises a one-line
   ``ValueError`` naming it, before anything compiles or trains."""
   directory = epath.Path(resolve(directory))
-  probe = directory / ".distill-write-probe"
+  # One probe name per process: several processes of one run check the same directory at once.
+  probe = directory / f".distill-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   try:
     directory.mkdir(parents=True, exist_ok=True)
     probe.write_text("")

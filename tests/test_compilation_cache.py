@@ -39,3 +39,26 @@ def test_unwritable_directory_is_one_line(tmp_path, restore_jax_cache_config):
                                        r"writable directory") as info:
     compilation_cache.enable(str(blocker / "jax"))
   assert "\n" not in str(info.value)
+
+
+def test_processes_checking_one_directory_at_once_do_not_collide(tmp_path):
+  """The processes of a multi-host run check the same cache directory at the same moment: each
+  probe file is its own, so one process never removes another's (here: threads, many times)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  from distill import paths  # pylint: disable=import-outside-toplevel
+  errors = []
+
+  def check():
+    for _ in range(300):
+      try:
+        paths.check_writable(tmp_path / "shared", what="--compilation_cache_dir")
+      except ValueError as e:
+        errors.append(str(e))
+
+  threads = [threading.Thread(target=check) for _ in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors[0]
+  assert not list((tmp_path / "shared").iterdir())  # every probe removed
