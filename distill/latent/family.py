@@ -184,6 +184,8 @@ def _context_table(models: pretrained.LatentModels, *, conditioning: str, prompt
                       np.float32)
     return np.asarray(models.encode_class(np.arange(num_classes + 1)), np.float32)
   names = list(class_names) or [str(i) for i in range(num_classes)]
+  if not num_classes:  # image–caption data: no classes, the null prompt alone
+    names = []
   if len(names) != num_classes:
     raise ValueError(f"latent.class_names has {len(names)} entries, data.num_classes="
                      f"{num_classes}.")
