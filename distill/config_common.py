@@ -225,6 +225,7 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
   config.teacher_v = train_section(batch_size=256, num_train_steps=50_000, lr=1e-5,
                                    warmup_steps=1000, ema_decay=0.9999)
   config.teacher_v.p_uncond = 0.1
+  config.teacher_v.weighting = "snr_trunc"  # or "snr_plus_one": ‖v̂ − v‖², SD 2's v-objective
   config.teacher_v.sample_w = (0.0, 4.0)
   config.teacher_v.sample_steps = 64
   config.teacher_v.sample_every = 0

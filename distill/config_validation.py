@@ -5,7 +5,7 @@ from __future__ import annotations
 from etils import epath
 
 from distill import checkpoints, family, input_pipeline, layout
-from distill.losses import W_WEIGHTINGS
+from distill.losses import TEACHER_WEIGHTINGS, W_WEIGHTINGS
 from distill.models.factory import check_model_config
 
 STAGES = ("teacher", "teacher_v", "stage_one", "stage_two", "eval")
@@ -87,6 +87,10 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   if "teacher_v" in stages and not 0.0 <= config.teacher_v.p_uncond < 1.0:
     raise ValueError(f"teacher_v.p_uncond={config.teacher_v.p_uncond} must be in [0, 1) (the "
                      "probability of the null condition while fine-tuning to v).")
+  if "teacher_v" in stages and config.teacher_v.get("weighting", "snr_trunc") not in \
+      TEACHER_WEIGHTINGS:
+    raise ValueError(f"teacher_v.weighting={config.teacher_v.weighting!r}: use one of "
+                     f"{list(TEACHER_WEIGHTINGS)}.")
   if "teacher" in stages and not latent and not 0.0 <= config.teacher.p_uncond <= 1.0:
     raise ValueError(f"teacher.p_uncond={config.teacher.p_uncond} must be in [0, 1] (the "
                      "probability of replacing a label by the null label).")

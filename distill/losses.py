@@ -47,12 +47,23 @@ def _noisy_batch(family, x, key, t):
   return diffusion.diffuse(x, eps, logsnr), logsnr
 
 
-def teacher_objective(family, *, p_uncond: float):
+TEACHER_WEIGHTINGS = ("snr_trunc", "snr_plus_one")
+
+
+def teacher_objective(family, *, p_uncond: float, weighting: str = "snr_trunc"):
   """Classifier-free-guided teacher (v-prediction), ``t ~ U[0, 1]``, condition dropout.
 
   With probability ``p_uncond`` an example's condition is replaced by the null condition, so one
-  network learns both ``x̂_c`` and ``x̂_u``. Loss: SNR-truncated weighting.
+  network learns both ``x̂_c`` and ``x̂_u``. Loss per example (docs/design.md §1.6):
+
+  * ``snr_trunc``: ``max(‖x̂ − x‖², ‖ε̂ − ε‖²)``, the x-space error weighted by
+    ``max(exp(λ), 1)`` (the paper's teachers);
+  * ``snr_plus_one``: ``‖v̂ − v‖²``, the x-space error weighted by ``1 + exp(λ)`` (Stable
+    Diffusion 2's v-objective), an option of the ε→v fine-tuning link ``teacher_v``.
   """
+  if weighting not in TEACHER_WEIGHTINGS:
+    raise ValueError(f"weighting={weighting!r} is not one of {list(TEACHER_WEIGHTINGS)}.")
+
   def objective(params, frozen, batch, key):
     del frozen
     x, cond = family.x_and_cond(batch)
@@ -68,8 +79,11 @@ def teacher_objective(family, *, p_uncond: float):
     v = family.v_hat(family.teacher, params, z, t, cond, train=True,
                      rngs={"dropout": k_dropout})
     x_pred = diffusion.x_from_v(z, v, logsnr)
-    eps_pred = diffusion.eps_from_v(z, v, logsnr)
-    loss = jnp.mean(snr_trunc_loss(x, x_pred, eps, eps_pred))
+    if weighting == "snr_trunc":
+      per_example = snr_trunc_loss(x, x_pred, eps, diffusion.eps_from_v(z, v, logsnr))
+    else:
+      per_example = _per_example_mean(v - diffusion.v_from_x_eps(x, eps, logsnr))
+    loss = jnp.mean(per_example)
     return loss, {"loss": loss, "x_mse": jnp.mean(_per_example_mean(x_pred - x))}
   return objective
 

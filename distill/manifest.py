@@ -22,7 +22,8 @@ IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_k
                       "max_consecutive_nonfinite", "sample_w", "sample_steps", "data_dir")
 # Fields added after workdirs were started: absent from a recorded config, they had this value
 # (the behaviour before the field existed), so a workdir started earlier still resumes.
-ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0}
+ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0,
+               "teacher_v.weighting": "snr_trunc"}
 
 
 def relevant_config(config) -> dict:

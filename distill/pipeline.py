@@ -76,7 +76,8 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
   if link.name in ("teacher", "teacher_v"):
     # teacher_v: the imported ε-teacher's network, now read as v (the family's teacher predicts
     # v when the chain has this link), trained with the teacher's objective (paper §4.2).
-    objective = losses.teacher_objective(fam, p_uncond=section.p_uncond)
+    objective = losses.teacher_objective(fam, p_uncond=section.p_uncond,
+                                         weighting=section.get("weighting", "snr_trunc"))
     init = ((lambda: fam.init_teacher(jax.random.fold_in(key, 0))) if teacher_params is None
             else (lambda: teacher_params))
     frozen = None

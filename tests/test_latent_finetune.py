@@ -1,4 +1,5 @@
-"""ε→v fine-tuning stage (``distill.latent.finetune``) and the U-Net export it writes."""
+"""ε→v fine-tuning alone (``distill.latent.finetune``: the chain's ``teacher_v`` link) and the
+diffusers-layout folder it exports."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import hashlib
 import json
 import pathlib
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 
-from distill import checkpoints, config_utils, input_pipeline
+from distill import config_utils, denoiser, family, input_pipeline, layout, losses, pipeline
 from distill.latent import finetune, load_pretrained, weights
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "latent"
@@ -38,15 +39,17 @@ def test_export_like_gives_back_the_source_file(folder, part):
 
 
 def _config(**overrides):
-  config = config_utils.load_config("latent_v:runlocal")
-  config.v_finetune.num_train_steps = 30
-  config.v_finetune.checkpoint_every = 30
+  config = config_utils.load_config("ldm_cin256:runlocal")
+  config.num_devices = 1
+  config.teacher_v.num_train_steps = 30
+  config.teacher_v.checkpoint_every = 30
+  config.teacher_v.sample_every = 0
   for key, value in overrides.items():
-    parts = key.split(".")
-    section = config
-    for p in parts[:-1]:
-      section = section[p]
-    section[parts[-1]] = value
+    *sections, field = key.split(".")
+    holder = config
+    for section in sections:
+      holder = holder[section]
+    holder[field] = value
   return config
 
 
@@ -55,17 +58,26 @@ def _digest(folder: pathlib.Path) -> dict[str, str]:
           for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _teacher_v_params(config, workdir):
+  link = next(link for link in layout.chain(config) if link.name == "teacher_v")
+  return jax.device_get(layout.read_final_params(config, workdir, link,
+                                                 pipeline.make_mesh(config)))
+
+
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("v")
   config = _config()
-  out = finetune.run(config, workdir)
+  out = finetune.run(config, str(workdir))
   return config, workdir, pathlib.Path(out)
 
 
-def test_finetuned_teacher_folder(finetuned):
+def test_exported_teacher_folder(finetuned):
   config, workdir, out = finetuned
-  src = pathlib.Path(config.pretrained)
+  assert out == workdir / "teacher_v" / "diffusers"
+  manifest = json.loads((workdir / "manifest.json").read_text())
+  assert sorted(manifest["stages"]) == ["teacher_v"]  # only the link; the teacher is imported
+  src = pathlib.Path(config.teacher.pretrained)
   sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
   assert sched.pop("prediction_type") == "v_prediction"
   src_sched = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
@@ -73,12 +85,9 @@ def test_finetuned_teacher_folder(finetuned):
   # Every other part is the source's, byte for byte.
   for part in ("vqvae", "class_embedder"):
     assert _digest(out / part) == _digest(src / part)
-  models = load_pretrained(out)
+  models, source = load_pretrained(out), load_pretrained(src)
   assert models.prediction_type == "v_prediction"
-  source = load_pretrained(src)
-  step, trained = checkpoints.read_params(workdir / "v_finetune" / "checkpoints",
-                                    jax.eval_shape(lambda: source.unet_params), what="v_finetune")
-  assert step == 30
+  trained = _teacher_v_params(config, workdir)
   for a, b in zip(jax.tree.leaves(models.unet_params), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Every parameter moved, except those a one-token context leaves without gradient: the
@@ -92,84 +101,59 @@ def test_finetuned_teacher_folder(finetuned):
   assert {"to_q/kernel", "to_k/kernel", "to_v/kernel", "conv_in/kernel"} <= moved  # attn1's
 
 
+def test_the_export_is_the_chains_v_teacher(finetuned):
+  """Imported as ``teacher.pretrained`` without a teacher_v link, the folder is read as a
+  v-prediction teacher whose x̂ is the chain's fine-tuned teacher's."""
+  config, workdir, out = finetuned
+  chain_fam = family.of(config)
+  reimported = _config(**{"teacher.pretrained": str(out), "teacher_v.num_train_steps": 0,
+                          "stages": "teacher,stage_one,stage_two"})
+  from distill import config_validation  # pylint: disable=import-outside-toplevel
+  config_validation.validate(reimported, str(workdir / "next"), num_devices=1)
+  fam = family.of(reimported)
+  assert fam.teacher_prediction == "v_prediction" and fam is not chain_fam
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.standard_normal((4,) + fam.x_shape), jnp.float32)
+  cond = fam.cond_from_labels(rng.integers(0, 10, 4))
+  params = _teacher_v_params(config, workdir)
+  for t in (0.9, 0.4, 0.05):
+    got = denoiser.denoise_fn(fam, fam.init_teacher(None), cond, net=fam.teacher)(z, t)
+    want = denoiser.denoise_fn(chain_fam, params, cond, net=chain_fam.teacher)(z, t)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_finetuning_lowers_the_v_loss(finetuned):
   """On held-out batches (fixed keys), the fine-tuned U-Net's v-objective is below the
   ε-teacher's, whose output is not a v-prediction."""
-  config, _, out = finetuned
-  source, tuned = load_pretrained(config.pretrained), load_pretrained(out)
-  objective = jax.jit(finetune.make_objective(source, config))
-  frozen = {"first_stage": source.vqvae_params,
-            "contexts": jnp.asarray(finetune.context_table(source, config))}
+  config, workdir, _ = finetuned
+  fam = family.of(config)
+  objective = jax.jit(losses.teacher_objective(fam, p_uncond=0.1))
   images, labels = input_pipeline.digits_arrays("held_out")
-  losses = {"before": [], "after": []}
+  batches = fam.prepare_batches(grain.MapDataset.source(
+      [{"image": images[64 * i:64 * (i + 1)], "label": labels[64 * i:64 * (i + 1)]}
+       for i in range(4)]))
+  tuned = _teacher_v_params(config, workdir)
+  values = {"before": [], "after": []}
   for i in range(4):
-    batch = {"image": jnp.asarray(images[64 * i:64 * (i + 1)]),
-             "label": jnp.asarray(labels[64 * i:64 * (i + 1)])}
     key = jax.random.key(100 + i)
-    losses["before"].append(float(objective(source.unet_params, frozen, batch, key)[0]))
-    losses["after"].append(float(objective(tuned.unet_params, frozen, batch, key)[0]))
-  assert np.mean(losses["after"]) < 0.8 * np.mean(losses["before"]), losses
+    values["before"].append(float(objective(fam.models.unet_params, None, batches[i], key)[0]))
+    values["after"].append(float(objective(tuned, None, batches[i], key)[0]))
+  assert np.mean(values["after"]) < 0.8 * np.mean(values["before"]), values
 
 
 def test_rerun_returns_the_finished_teacher(finetuned):
   config, workdir, out = finetuned
   before = _digest(workdir)
-  assert pathlib.Path(finetune.run(config, workdir)) == out
+  assert pathlib.Path(finetune.run(config, str(workdir))) == out
   assert _digest(workdir) == before
 
 
-def test_context_tables():
-  config = _config()
-  cin = load_pretrained(config.pretrained)
-  table = finetune.context_table(cin, config)
-  assert table.shape == (11, 1, 12)
-  np.testing.assert_array_equal(table[10, 0], np.asarray(cin.class_embedder_params["embedding"]["embedding"])[10])
-  sd = load_pretrained(FIXTURES / "tiny-sd")
-  text = _config(conditioning="text", class_names=tuple(f"digit {i}" for i in range(10)))
-  table = finetune.context_table(sd, text)
-  assert table.shape[0] == 11
-  np.testing.assert_allclose(table[3], np.asarray(sd.encode_prompt(["a photo of a digit 3"]))[0],
-                             atol=1e-5)
-  np.testing.assert_allclose(table[10], np.asarray(sd.encode_prompt([""]))[0], atol=1e-5)
-
-
-def test_config_errors(finetuned, tmp_path):
-  _, _, out = finetuned
-  cases = [
-      (dict(pretrained=""), "pretrained is empty"),
-      (dict(pretrained=str(tmp_path)), "no model_index.json"),
-      (dict(pretrained=str(out)), "prediction_type is 'v_prediction'"),
-      (dict(conditioning="clip"), "conditioning='clip'"),
-      (dict(weighting="mse"), "weighting='mse'"),
-      (dict(p_uncond=1.0), "p_uncond=1.0"),
-      (dict(**{"v_finetune.batch_size": 12}), "batch_size"),
-  ]
-  for overrides, message in cases:
-    with pytest.raises(ValueError, match=message):
-      finetune.check_config(_config(**overrides), num_devices=8)
-  cin = load_pretrained(_config().pretrained)
-  with pytest.raises(ValueError, match="data.num_classes=9, but the class embedder has 11 rows"):
-    finetune.context_table(cin, _config(**{"data.num_classes": 9}))
-  with pytest.raises(ValueError, match="conditioning='text' but .* no text_encoder"):
-    finetune.context_table(cin, _config(conditioning="text"))
-
-
-def test_text_conditioned_objective_on_a_kl_autoencoder():
-  """The SD path: a KL-VAE posterior draw and text contexts. With ``p_uncond = 1`` every
-  example gets the empty prompt's context, so the loss cannot depend on the labels."""
-  sd = load_pretrained(FIXTURES / "tiny-sd")
-  images, labels = input_pipeline.digits_arrays("held_out")
-  batch = {"image": jnp.asarray(images[:4]), "label": jnp.asarray(labels[:4])}
-  other = dict(batch, label=(batch["label"] + 1) % 10)
-  values = {}
-  for p_uncond in (0.0, 1.0 - 1e-7):
-    config = _config(conditioning="text", p_uncond=p_uncond)
-    frozen = {"first_stage": sd.vae_params,
-              "contexts": jnp.asarray(finetune.context_table(sd, config))}
-    fn = jax.jit(jax.value_and_grad(lambda p, b, c=config, f=frozen: finetune.make_objective(
-        sd, c)(p, f, b, jax.random.key(0))[0]))
-    (loss, grads), (loss_other, _) = fn(sd.unet_params, batch), fn(sd.unet_params, other)
-    assert np.isfinite(float(loss)) and float(optax.tree.norm(grads)) > 0
-    values[p_uncond] = (float(loss), float(loss_other))
-  assert values[0.0][0] != values[0.0][1]
-  assert values[1.0 - 1e-7][0] == values[1.0 - 1e-7][1]
+def test_config_errors(tmp_path):
+  pixel = config_utils.load_config("digits:runlocal")
+  with pytest.raises(ValueError, match="must be a latent config with a teacher_v section"):
+    finetune.run(pixel, str(tmp_path))
+  with pytest.raises(ValueError, match="must be a latent config with a teacher_v section"):
+    finetune.run(_config(**{"teacher_v.num_train_steps": 0}), str(tmp_path))
+  with pytest.raises(ValueError, match="teacher_v.weighting='mse'"):
+    finetune.run(_config(**{"teacher_v.weighting": "mse"}), str(tmp_path))
+  assert not list(tmp_path.iterdir())  # refused before anything was written

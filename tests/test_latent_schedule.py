@@ -1,5 +1,7 @@
-"""The discrete teacher schedule in continuous time, the ε/v/x teacher wrappers and the ε→v
-fine-tuning objective (issue: latent space, part 1, item 5)."""
+"""The discrete teacher schedule in continuous time, the ε/v/x teacher wrappers, and the
+teacher's objective on that schedule as the ε→v fine-tuning link (``teacher_v``) uses it."""
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from distill import diffusion, sharding, train
+from distill import diffusion, losses, sharding, train
 from distill.latent import schedule as schedule_lib
 from distill.latent import teacher as teacher_lib
 
@@ -135,47 +137,52 @@ def _gaussian_batch(key, b=64):
   return {"latents": jnp.sqrt(S2) * jax.random.normal(key, (b, 4, 4, 2))}
 
 
+def _family(v_fn):
+  """A test double of a denoiser family on SD's schedule whose condition is the clean latents,
+  so that ``v_fn(params, z, t, x)`` can be the exact v plus a known error."""
+  return types.SimpleNamespace(
+      teacher=None, logsnr_fn=SD.logsnr, null_cond=lambda cond: cond,
+      x_and_cond=lambda batch: (batch["latents"], batch["latents"]),
+      v_hat=lambda net, params, z, t, cond, w=None, *, train=False, rngs=None: v_fn(
+          params, z, t, cond))
+
+
 def test_v_objective_is_zero_for_the_true_v_and_weights_a_constant_error():
   batch = _gaussian_batch(jax.random.key(1))
   delta = 0.3
 
-  def true_v(params, z, timesteps, batch):
-    lam = SD.logsnr(SD.time_from_timestep(timesteps))
-    alpha, sigma = diffusion._alpha_sigma(lam, z)
-    return (alpha * z - batch["latents"]) / sigma + params  # x = α z − σ v
+  def true_v(params, z, t, x):
+    alpha, sigma = diffusion._alpha_sigma(SD.logsnr(t), z)
+    return (alpha * z - x) / sigma + params  # x = α z − σ v
 
-  key = jax.random.key(2)
-  for weighting in teacher_lib.V_WEIGHTINGS:
-    objective = teacher_lib.v_finetune_objective(true_v, SD, weighting=weighting)
-    loss, _ = objective(jnp.float32(0.0), None, batch, key)
+  fam, key = _family(true_v), jax.random.key(2)
+  objective = lambda weighting: losses.teacher_objective(fam, p_uncond=0.0, weighting=weighting)
+  for weighting in losses.TEACHER_WEIGHTINGS:
+    loss, _ = objective(weighting)(jnp.float32(0.0), None, batch, key)
     assert float(loss) < 1e-8
-  loss, metrics = teacher_lib.v_finetune_objective(true_v, SD)(
-      jnp.float32(delta), None, batch, key)
+  loss, _ = objective("snr_plus_one")(jnp.float32(delta), None, batch, key)
   assert float(loss) == pytest.approx(delta ** 2, rel=1e-3)
-  # snr_trunc: the same t as drawn inside the objective (first half of the key split).
-  t = jax.random.uniform(jax.random.split(key)[0], (64,))
+  # snr_trunc: the t drawn inside the objective (the first of its four keys); an error δ in v is
+  # σδ in x, so the loss is δ²·max(exp(λ), 1)/(1 + exp(λ)).
+  t = jax.random.uniform(jax.random.split(key, 4)[0], (64,))
   lam = np.asarray(SD.logsnr(t), np.float64)
   weight = np.maximum(np.exp(lam), 1.0) / (1.0 + np.exp(lam))
-  loss, _ = teacher_lib.v_finetune_objective(true_v, SD, weighting="snr_trunc")(
-      jnp.float32(delta), None, batch, key)
+  loss, _ = objective("snr_trunc")(jnp.float32(delta), None, batch, key)
   assert float(loss) == pytest.approx(delta ** 2 * weight.mean(), rel=1e-3)
-  with pytest.raises(ValueError, match="weighting 'mse'"):
-    teacher_lib.v_finetune_objective(true_v, SD, weighting="mse")
+  with pytest.raises(ValueError, match="weighting='mse'"):
+    objective("mse")
 
 
 def test_v_finetuning_through_the_training_step_reaches_the_linear_optimum():
-  """A one-parameter v-model ``v̂ = a·z`` trained by the shared train step converges to the
-  least-squares optimum ``a* = E_t[ασ(1 − s²)] / E_t[α² s² + σ²]`` (t ~ U[0, 1])."""
+  """A one-parameter v-model ``v̂ = a·z`` trained by the shared train step on ‖v̂ − v‖² converges
+  to the least-squares optimum ``a* = E_t[ασ(1 − s²)] / E_t[α² s² + σ²]`` (t ~ U[0, 1])."""
   t = (np.arange(200000) + 0.5) / 200000
   lam = np.asarray(SD.logsnr(t), np.float64)
   a2, s2 = 1 / (1 + np.exp(-lam)), 1 / (1 + np.exp(lam))
   a_star = np.mean(np.sqrt(a2 * s2) * (1 - S2)) / np.mean(a2 * S2 + s2)
 
-  def net(params, z, timesteps, batch):
-    del timesteps, batch
-    return params["a"] * z
-
-  objective = teacher_lib.v_finetune_objective(net, SD)
+  fam = _family(lambda params, z, t, x: params["a"] * z)
+  objective = losses.teacher_objective(fam, p_uncond=0.0, weighting="snr_plus_one")
   schedule = optax.constant_schedule(0.01)
   tx = optax.adam(schedule)
   mesh = sharding.make_mesh(1)

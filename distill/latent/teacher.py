@@ -1,13 +1,10 @@
-"""Discrete-time latent teachers as ``denoise_fn(z, t) -> x̂``, and the ε→v fine-tuning objective.
+"""Discrete-time latent teachers as ``denoise_fn(z, t) -> x̂``.
 
 SD and LDM teachers predict ε (SD 2 "v" models predict v) at a discrete timestep. Wrapped here
 with a ``DiscreteSchedule`` they become the same kind of ``denoise_fn(z, t)`` our samplers
 (``distill.diffusion``) and objectives (``distill.losses``) take, with ``logsnr_fn =
 schedule.logsnr``. Parameterisations (docs/design.md §1.2): ``z = α x + σ ε``, ``v = α ε − σ x``, so
 ``x̂ = (z − σ ε̂)/α = α z − σ v̂``.
-
-Paper §4.2 fine-tunes the public ε-prediction teachers into v-prediction teachers before
-distilling: ``v_finetune_objective`` is that stage's objective for the shared training loop.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from distill import diffusion, losses
+from distill import diffusion
 from distill.latent import schedule as schedule_lib
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -57,48 +54,3 @@ def teacher_denoise_fn(net_fn: NetFn, schedule: schedule_lib.DiscreteSchedule, *
     out = net_fn(z, schedule.timestep(t))
     return x_from_prediction(z, out, schedule.logsnr(t), prediction_type)
   return fn
-
-
-V_WEIGHTINGS = ("snr_plus_one", "snr_trunc")
-
-
-def v_finetune_objective(net_fn: Callable, schedule: schedule_lib.DiscreteSchedule, *,
-                         weighting: str = "snr_plus_one"):
-  """Objective fine-tuning an ε-prediction teacher into a v-prediction one (paper §4.2).
-
-  ``net_fn(params, z, timesteps, batch) -> v̂`` is the network being fine-tuned (initialised
-  from the ε teacher); ``batch["latents"]`` holds the (scaled) latents ``x``, and whatever else
-  the network is conditioned on stays in ``batch`` for ``net_fn``. Per example,
-  ``t ~ U[0, 1]``, ``ε ~ N(0, I)``, ``z = α x + σ ε``, target ``v = α ε − σ x``; the loss is
-
-  * ``snr_plus_one``: ``‖v̂ − v‖²``, i.e. x-space error weighted by ``1 + exp(λ)`` (SD 2's
-    v-objective);
-  * ``snr_trunc``: x-space error weighted by ``max(exp(λ), 1)`` (our teacher's weighting).
-
-  An objective for ``distill.train.train``: ``(params, frozen, batch, key) -> (loss, metrics)``.
-  """
-  if weighting not in V_WEIGHTINGS:
-    raise ValueError(f"weighting {weighting!r} is not supported; use one of {V_WEIGHTINGS}.")
-
-  def objective(params, frozen, batch, key):
-    del frozen
-    x = batch["latents"]
-    b = x.shape[0]
-    k_t, k_eps = jax.random.split(key)
-    t = jax.random.uniform(k_t, (b,))
-    eps = jax.random.normal(k_eps, x.shape, x.dtype)
-    logsnr = schedule.logsnr(t)
-    z = diffusion.diffuse(x, eps, logsnr)
-    v = diffusion.v_from_x_eps(x, eps, logsnr)
-    v_pred = net_fn(params, z, schedule.timestep(t), batch).astype(x.dtype)
-    axes = tuple(range(1, x.ndim))
-    v_mse = jnp.mean(jnp.square(v_pred - v), axis=axes)
-    if weighting == "snr_plus_one":
-      per_example = v_mse
-    else:
-      # x̂ − x = −σ (v̂ − v), so ‖x̂ − x‖² = σ² ‖v̂ − v‖².
-      sigma2 = jax.nn.sigmoid(-logsnr)
-      per_example = losses.snr_trunc_weight(logsnr) * sigma2 * v_mse
-    loss = jnp.mean(per_example)
-    return loss, {"loss": loss, "v_mse": jnp.mean(v_mse)}
-  return objective
