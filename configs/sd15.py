@@ -29,6 +29,12 @@ def get_config(arg=None):
   config = common.latent_base_config(pretrained="", conditioning="text")
   config.data.name = "image_text"
   config.data.data_dir = ""  # shards or a captions.jsonl folder: --config.data.data_dir=...
+  # Or a prepared tfds data set with an "image" and a text feature (its tfds data_dir in
+  # data.data_dir), e.g. --config.data.tfds_name=coco_captions; the first caption of a sequence.
+  config.data.tfds_name = ""
+  config.data.tfds_caption = "captions/text"  # the text feature, "/" into nested features
+  config.data.tfds_train_split = "train"
+  config.data.tfds_held_out_split = "val"
   config.data.image_size = 512
   config.data.channels = 3
   config.data.num_classes = 0  # captions, no labels

@@ -146,7 +146,7 @@ def check_latent(config, stages) -> None:
       raise ValueError("latent.sample_prompts is empty: the progress grids of caption data need "
                        "at least one prompt.")
     from distill import image_text  # pylint: disable=import-outside-toplevel
-    image_text.ImageTextSource(config.data.get("data_dir"), config.data.image_size)  # or errors
+    image_text.source(config.data, "train")  # or a one-line error
   elif not config.data.num_classes > 0:
     raise ValueError(f"data.num_classes={config.data.num_classes} must be > 0 for data.name="
                      f"{config.data.name!r} (only image_text data come without labels).")

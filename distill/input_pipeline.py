@@ -9,8 +9,9 @@ restarted run resumes at exactly the right position with no iterator state to sa
 * ``cifar10`` and ``imagenet64`` (tfds ``imagenet_resized/64x64``): ``tfds.data_source`` (random
   access, never downloads here), random horizontal flip, scaled to [−1, 1], area-downsampled
   when ``data.image_size`` is an integer fraction of the native size (the ``runlocal`` configs).
-* ``image_text``: image–caption pairs from a folder with ``captions.jsonl`` or webdataset
-  ``.tar`` shards (``distill/image_text.py``), for text-conditioned latent teachers; batches
+* ``image_text``: image–caption pairs from a folder with ``captions.jsonl``, webdataset
+  ``.tar`` shards or a tfds data set with an image and a text feature (``data.tfds_name``,
+  ``distill/image_text.py``), for text-conditioned latent teachers; batches
   hold ``caption`` strings instead of labels.
 
 Each host reads only its own rows of every global batch, so the batches of a run are the same
@@ -96,22 +97,28 @@ class _TfdsSource:
     return {"image": image.astype(np.float32), "label": np.int32(item["label"])}
 
 
-def tfds_source(data_config, split: str):
-  """Opens a prepared tfds data set for random access, or says how to prepare it."""
+def open_tfds(tfds_name: str, split_name: str, data_config):
+  """Opens split ``split_name`` of the prepared tfds data set ``tfds_name`` (in
+  ``data.data_dir``) for random access, or says how to prepare it. Nothing downloads."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  spec = TFDS_DATASETS[data_config.name]
-  split_name = spec.train_split if split == "train" else spec.eval_split
   try:
-    source = tfds.data_source(spec.tfds_name, split=split_name,
-                              data_dir=data_config.get("data_dir") or None, download=False)
+    return tfds.data_source(tfds_name, split=split_name,
+                            data_dir=data_config.get("data_dir") or None, download=False)
   except Exception as e:  # tfds raises several types for "not prepared"
     raise ValueError(
-        f"data set {spec.tfds_name!r} (data.name={data_config.name!r}) is not prepared in "
-        f"data_dir={data_config.get('data_dir')!r}: prepare it with `tfds build "
-        f"{spec.tfds_name} --data_dir=DIR --file_format=array_record` (ImageNet needs its "
+        f"data set {tfds_name!r} (data.name={data_config.name!r}), split {split_name!r}, is not "
+        f"prepared in data_dir={data_config.get('data_dir')!r}: prepare it with `tfds build "
+        f"{tfds_name} --data_dir=DIR --file_format=array_record` (ImageNet needs its "
         f"manual download) and set --config.data.data_dir=DIR "
         f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from None
-  return _TfdsSource(source, data_config.image_size, spec.native_size)
+
+
+def tfds_source(data_config, split: str):
+  """A labelled tfds data set of ``TFDS_DATASETS``, resized to ``data.image_size``."""
+  spec = TFDS_DATASETS[data_config.name]
+  split_name = spec.train_split if split == "train" else spec.eval_split
+  return _TfdsSource(open_tfds(spec.tfds_name, split_name, data_config), data_config.image_size,
+                     spec.native_size)
 
 
 def source(data_config, split: str = "train"):
@@ -121,8 +128,7 @@ def source(data_config, split: str = "train"):
     return _ArraySource(*digits_arrays(split))
   if data_config.name == "image_text":
     from distill import image_text  # pylint: disable=import-outside-toplevel
-    return image_text.ImageTextSource(data_config.get("data_dir"), data_config.image_size,
-                                      split=split, held_out=int(data_config.get("held_out", 0)))
+    return image_text.source(data_config, split)
   if data_config.name in TFDS_DATASETS:
     return tfds_source(data_config, split)
   raise ValueError(f"data.name={data_config.name!r} is unknown: use one of {list(DATASETS)}.")

@@ -23,7 +23,9 @@ IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_k
 # Fields added after workdirs were started: absent from a recorded config, they had this value
 # (the behaviour before the field existed), so a workdir started earlier still resumes.
 ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0,
-               "teacher_v.weighting": "snr_trunc"}
+               "teacher_v.weighting": "snr_trunc", "data.tfds_name": "",
+               "data.tfds_caption": "captions/text", "data.tfds_train_split": "train",
+               "data.tfds_held_out_split": "val"}
 
 
 def relevant_config(config) -> dict:

@@ -127,3 +127,41 @@ def test_caption_batches_become_latents_and_text_contexts(folders):
   np.testing.assert_allclose(mapped["latents"],
                              np.asarray(fam.models.encode_image(raw["image"])), atol=1e-5)
   assert fam.context_table.shape[0] == 1  # the null (empty) prompt only
+
+
+def test_a_tfds_image_text_data_set_under_mock_data(tmp_path):
+  """``data.tfds_name = "coco_captions"`` under ``tfds.testing.mock_data``: each item is the
+  example's image, centre-cropped and resized, with the first of its captions; the batches
+  become latents and the captions' text contexts; a wrong feature or an unprepared data set is
+  a one-line error."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = _sd_config(tmp_path)
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.tfds_name = "coco_captions"
+  with pytest.raises(ValueError, match="'coco_captions' .* is not prepared in data_dir=.*tfds build"):
+    image_text.source(config.data, "train")
+  with tfds.testing.mock_data(num_examples=8):
+    raw = tfds.data_source("coco_captions", split="train")
+    train = input_pipeline.source(config.data, "train")
+    assert len(train) == 8
+    for i in range(8):
+      item, example = train[i], raw[i]
+      assert item["caption"] == str(example["captions"]["text"][0])
+      pixels = np.asarray(example["image"], np.uint8)
+      side = min(pixels.shape[:2])
+      top, left = (pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2
+      square = Image.fromarray(pixels[top:top + side, left:left + side])
+      want = np.asarray(square.resize((16, 16), Image.Resampling.BICUBIC), np.float32)
+      np.testing.assert_allclose(item["image"], want / 127.5 - 1.0, atol=1e-6)
+    held = input_pipeline.source(config.data, "held_out")
+    assert len(held) == 8 and isinstance(held[0]["caption"], str)
+    fam = family.of(config)
+    batches = input_pipeline.train_batches(config.data, global_batch_size=4, seed=0)
+    batch, mapped = batches[1], fam.prepare_batches(batches)[1]
+    assert set(batch["caption"]) <= {str(raw[i]["captions"]["text"][0]) for i in range(8)}
+    want = fam.models.encode_prompt([str(c) for c in batch["caption"]])
+    np.testing.assert_allclose(mapped["context"], np.asarray(want), atol=1e-6)
+    config.data.tfds_caption = "captions/words"
+    with pytest.raises(ValueError, match="data.tfds_caption='captions/words': .* no such text"):
+      pipeline.run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
