@@ -219,6 +219,9 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
   config.latent.sample_prompts = ("a photo of a cat", "a photo of a dog", "a red car",
                                   "a bowl of fruit")
   config.latent.w_embedding_dim = 256  # diffusers' time_cond_proj_dim (LCM's default)
+  # Encode the training split once into workdir/latent_cache/ and train every link on it
+  # (distill/latent/cache.py); for long runs at high resolution.
+  config.latent.cache = False
   # ε→v fine-tuning (paper §4.2): the teacher's network read as v-prediction, trained with the
   # teacher's objective and condition dropout; 0 steps removes the link (the ε-teacher is then
   # distilled as it is). Starts from the imported teacher.

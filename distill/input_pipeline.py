@@ -135,34 +135,45 @@ def source(data_config, split: str = "train"):
 
 
 def _flip(item, rng: np.random.Generator):
-  if rng.random() < 0.5:
+  flip = rng.random() < 0.5
+  if "latents_flipped" in item:  # a latent-cache item holds both orientations
+    item = dict(item)
+    flipped = item.pop("latents_flipped")
+    return dict(item, latents=flipped) if flip else item
+  if flip:
     item = dict(item, image=item["image"][:, ::-1])
   return item
 
 
 def _stack(items):
-  out = {"image": np.stack([x["image"] for x in items]).astype(np.float32)}
-  if "caption" in items[0]:
-    out["caption"] = np.asarray([x["caption"] for x in items], object)
-  else:
-    out["label"] = np.asarray([x["label"] for x in items], np.int32)
+  out = {}
+  for key in items[0]:
+    if key == "caption":
+      out[key] = np.asarray([x[key] for x in items], object)
+    elif key == "label":
+      out[key] = np.asarray([x[key] for x in items], np.int32)
+    else:  # image, or a latent cache's latents and context
+      out[key] = np.stack([x[key] for x in items]).astype(np.float32)
   return out
 
 
 def train_batches(data_config, *, global_batch_size: int, seed: int,
-                  process_index: int | None = None, process_count: int | None = None):
+                  process_index: int | None = None, process_count: int | None = None,
+                  items=None):
   """``MapDataset`` whose item ``step`` is this process's share of that step's global batch.
 
   The global order is one seeded shuffle of the whole split (re-shuffled each epoch), so the
   global batch of a step does not depend on how many processes share it: process ``p`` of
-  ``P`` reads rows ``[p·B/P, (p+1)·B/P)`` of it, and only those elements.
+  ``P`` reads rows ``[p·B/P, (p+1)·B/P)`` of it, and only those elements. ``items``: a
+  random-access source to read instead of ``source(data_config)`` in the same order (a latent
+  cache, ``distill/latent/cache.py``).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
     raise ValueError(f"batch_size={global_batch_size} is not divisible by the "
                      f"{process_count} processes.")
-  ds = grain.MapDataset.source(source(data_config, "train"))
+  ds = grain.MapDataset.source(source(data_config, "train") if items is None else items)
   ds = ds.shuffle(seed=seed).repeat(None)
   if data_config.get("random_flip", False):
     ds = ds.random_map(_flip, seed=seed + 1)  # keyed by the global position

@@ -25,7 +25,7 @@ IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_k
 ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0,
                "teacher_v.weighting": "snr_trunc", "data.tfds_name": "",
                "data.tfds_caption": "captions/text", "data.tfds_train_split": "train",
-               "data.tfds_held_out_split": "val"}
+               "data.tfds_held_out_split": "val", "latent.cache": False}
 
 
 def relevant_config(config) -> dict:

@@ -3,6 +3,7 @@
 Workdir layout (``distill/layout.py`` has the links and reads what they hold)::
 
     manifest.json         the run's config (hash) and the stages completed, with steps and times
+    latent_cache/         with latent.cache: the training split encoded once (a latent family)
     teacher/              checkpoints/, samples/, TensorBoard events
     teacher_v/            a latent teacher fine-tuned from ε- to v-prediction (paper §4.2), when
                           the config has a teacher_v section
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from distill import (config_validation, denoiser, diffusion, family, input_pipeline, layout, losses,
                      manifest, paths, progress, sharding, train)
 from distill.evaluation import evaluate
+from distill.latent import cache as latent_cache
 
 
 def stage_key(config, name: str) -> jax.Array:
@@ -71,8 +73,10 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
   section = layout.section_of(config, link)
   key = stage_key(config, link.name)
   fam = family.of(config)
+  items = latent_cache.CachedSource(workdir) if latent_cache.is_enabled(config) else None
   batches = fam.prepare_batches(input_pipeline.train_batches(
-      config.data, global_batch_size=section.batch_size, seed=config.seed + link.index))
+      config.data, global_batch_size=section.batch_size, seed=config.seed + link.index,
+      items=items))
   if link.name in ("teacher", "teacher_v"):
     # teacher_v: the imported ε-teacher's network, now read as v (the family's teacher predicts
     # v when the chain has this link), trained with the teacher's objective (paper §4.2).
@@ -138,6 +142,12 @@ def run(config, workdir) -> None:
       [(link.name, link.stage, int(layout.section_of(config, link).num_train_steps),
         int(layout.section_of(config, link).batch_size)) for link in trained],
       eval_work=_eval_work(config) if "eval" in stages else 0)
+
+  if trained and latent_cache.is_enabled(config) and not record.is_complete("latent_cache"):
+    start = time.time()
+    latent_cache.build(config, workdir, family.of(config))
+    record.complete("latent_cache", step=0, seconds=time.time() - start)
+    logging.info("latent_cache: %s", latent_cache.directory(workdir))
 
   params = None  # a function giving the previous link's EMA parameters
   for link in links[:last + 1]:

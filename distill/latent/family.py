@@ -160,6 +160,10 @@ class LatentFamily:
     """``{"image", "label" or "caption"}`` batches → ``{"latents", "context"}`` (see the module
     docstring); captions go through the text encoder."""
     def encode(batch):
+      if "latents" in batch:  # read from the latent cache (distill/latent/cache.py)
+        context = batch["context"] if "context" in batch else self.context_table[
+            np.asarray(batch["label"])]
+        return {"latents": batch["latents"], "context": context}
       latents = np.asarray(self.encode_images(batch["image"]), np.float32)
       if "caption" in batch:
         context = np.asarray(self.cond_from_prompts([str(c) for c in batch["caption"]]))
