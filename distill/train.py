@@ -191,6 +191,7 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
   poll = jax.process_count() == 1
   t0 = time.time()
   t_log, step_log = t0, start
+  t_aside = 0.0  # time in progress grids since the last log line: not training steps
   with metric_writers.ensure_flushes(writer), preemption.Watcher() as watcher:
     for step in range(start, num_steps):
       batch = sharding.global_batch(mesh, next(data))
@@ -206,7 +207,8 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
         pending = []
         writer.write_scalars(done, scalars)
         now = time.time()
-        rate = (done - step_log) / max(now - t_log, 1e-9)
+        rate = (done - step_log) / max(now - t_log - t_aside, 1e-9)
+        t_aside = 0.0
         # The first interval holds the compiles: the run's ETA keeps the rate measured before.
         eta_rate = rate if step_log > start else 0.0
         t_log, step_log = now, done
@@ -216,11 +218,14 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
                      now - t0, rate, progress.describe(name, done, eta_rate) if progress else "")
       if sample_fn is not None and stage_cfg.sample_every and (
           done % stage_cfg.sample_every == 0 or done == num_steps):
+        t_grid = time.time()
         samples, rows = sample_fn(state)
         if is_main:
           image = images.grid(np.asarray(samples), rows=rows)
           writer.write_images(done, {"samples": image[None]})
           images.save_png(image, workdir / "samples" / f"step_{done:08d}.png", scale=4)
+        if done < num_steps:  # the last one is in the link's time, not in a rate
+          t_aside += time.time() - t_grid
       if poll:
         ckpts.poll()
       preempted = watcher.reached(done)
