@@ -16,7 +16,7 @@ def get_config(arg=None):
   config.data.num_classes = 10
 
   # Sized for 2 CPU cores: the whole pipeline (teacher, stage one, seven halvings 128 -> 1) and
-  # its eval stage in under 30 minutes on the Intel Xeon of BENCHMARKS.md, "The default run with
+  # its eval stage took 32 minutes on the Intel Xeon of BENCHMARKS.md, "The default run with
   # 200-step halvings".
   config.model.ch = 32
   config.model.ch_mult = (1, 2)
