@@ -54,7 +54,7 @@ def get_config(arg=None):
   config.stage_two.batch_size = 64
   config.stage_two.start_num_steps = 128
   config.stage_two.end_num_steps = 1
-  # The students with 64 to 8 steps learn their teacher's two steps to a loss of ~1e-5 within
+  # The students with 64 to 8 steps learn their teacher's two steps to a loss below 1e-4 within
   # 200 steps; those with 4, 2 and 1 steps train longer (BENCHMARKS.md, "The default run with
   # 200-step halvings").
   config.stage_two.train_steps_per_halving = 200

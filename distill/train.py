@@ -224,8 +224,7 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
           image = images.grid(np.asarray(samples), rows=rows)
           writer.write_images(done, {"samples": image[None]})
           images.save_png(image, workdir / "samples" / f"step_{done:08d}.png", scale=4)
-        if done < num_steps:  # the last one is in the link's time, not in a rate
-          t_aside += time.time() - t_grid
+        t_aside += time.time() - t_grid
       if poll:
         ckpts.poll()
       preempted = watcher.reached(done)
