@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from distill import checkpoints, family, input_pipeline, layout
+from distill import checkpoints, family, input_pipeline, layout, paths
 from distill.losses import TEACHER_WEIGHTINGS, W_WEIGHTINGS
 from distill.models.factory import check_model_config
 
@@ -54,7 +54,7 @@ def check_train_section(name: str, cfg, *, num_devices: int, process_count: int)
 def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> None:
   """Raises ``ValueError`` with a one-line message for the first problem found."""
   if not workdir:
-    raise ValueError("--workdir is missing: pass --workdir=DIR (a local path or gs://...).")
+    raise ValueError(paths.MISSING_WORKDIR)
   if config.data.name not in input_pipeline.DATASETS:
     raise ValueError(f"data.name={config.data.name!r} is unknown: use one of "
                      f"{list(input_pipeline.DATASETS)}.")

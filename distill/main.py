@@ -53,6 +53,9 @@ def initialize_distributed(jax) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:  # at once, before JAX and the pipeline load
+    from distill import paths  # pylint: disable=import-outside-toplevel
+    raise SystemExit(f"error: {paths.MISSING_WORKDIR}")
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.multihost:
     initialize_distributed(jax)

@@ -19,6 +19,9 @@ CONFIG_PATH_FIELDS = (("teacher", "checkpoint"), ("teacher", "pretrained"),
                       ("data", "data_dir"), (None, "pretrained"))
 
 
+MISSING_WORKDIR = "--workdir is missing: pass --workdir=DIR (a local path or gs://...)."
+
+
 def is_url(path) -> bool:
   return "://" in str(path)
 
