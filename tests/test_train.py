@@ -43,8 +43,9 @@ def _mean_objective(config, params, seeds=range(6)):
 
 
 def test_digits_teacher_loss_decreases(tmp_path):
-  config = tiny_config(steps=80, **{"teacher.lr": 2e-3, "teacher.warmup_steps": 10,
-                                    "teacher.checkpoint_every": 80, "teacher.log_every": 40})
+  # The optimiser of tiny_config (the same compiled step as the runs below): only the length
+  # and the logging differ.
+  config = tiny_config(steps=80, **{"teacher.checkpoint_every": 80, "teacher.log_every": 40})
   mesh = pipeline.make_mesh(config)
   state = pipeline.train_teacher(config, tmp_path, mesh)
   model = models.build_unet(config)
