@@ -1,10 +1,11 @@
-"""Multi-host: the tiny pipeline as 2 processes × 4 CPU devices equals 1 process × 8 devices.
+"""Multi-host: the tiny teacher and stage one as 2 processes × 4 CPU devices equal 1 process × 8.
 
 The two processes are ``python -m distill.main --multihost`` with a coordinator on 127.0.0.1
 (``jax.distributed.initialize``; CPU collectives through gloo), sharing one workdir as pod
 workers share a ``gs://`` one. Each process reads only its rows of every global batch; all
-take part in the checkpoint saves; only process 0 writes metrics. Every link's logged losses
-and final parameters must equal those of the single-process run on the same 8-device mesh.
+take part in the checkpoint saves and in their NaN check; only process 0 writes metrics. Every
+link's logged losses and final parameters must equal those of the single-process run on the
+same 8-device mesh.
 """
 
 import os
