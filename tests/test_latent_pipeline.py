@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from distill import cli, layout, pipeline, sample
+from distill import layout, pipeline, sample
 from distill.config_utils import load_config
 from PIL import Image
 from test_image_text import CAPTIONS, _image, _png  # small RGBA images with captions
@@ -143,10 +143,9 @@ def test_cin_chain_killed_and_resumed_through_the_cli_is_bit_identical(tmp_path,
                   f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
 
 
-def test_sd_chain_on_captions_and_prompts_to_images(tmp_path, monkeypatch):
-  """The SD-like chain on image–caption data (a captions.jsonl folder), its progress grid drawn
-  from latent.sample_prompts; then prompts → decoded images. In this process: the CLI's own path
-  (relative paths, flags, kill and resume) is the class-conditional test's."""
+def test_sd_chain_on_captions_and_prompts_to_images(tmp_path):
+  """The SD-like chain through the CLI on image–caption data (a captions.jsonl folder), its
+  progress grid drawn from latent.sample_prompts; then prompts → decoded images."""
   cwd = tmp_path / "elsewhere"
   (cwd / "pairs").mkdir(parents=True)
   lines = []
@@ -154,23 +153,22 @@ def test_sd_chain_on_captions_and_prompts_to_images(tmp_path, monkeypatch):
     (cwd / "pairs" / f"{i}.png").write_bytes(_png(_image(i)))
     lines.append(json.dumps({"file": f"{i}.png", "caption": caption}))
   (cwd / "pairs" / "captions.jsonl").write_text("\n".join(lines))
-  monkeypatch.chdir(cwd)
-  config = _config("sd15")
-  config.data.name, config.data.data_dir = "image_text", "pairs"
-  config.data.num_classes, config.data.image_size, config.data.channels = 0, 16, 3
-  for name in ("teacher_v", "stage_one", "stage_two"):
-    config[name].batch_size = 4
-  cli.run_cli(pipeline.run, config, "runs/sd")
-  stages = json.loads((cwd / "runs" / "sd" / "manifest.json").read_text())["stages"]
-  assert stages["stage_two/N=1"]["final_step"] == 4
+  run = _cli(cwd, "sd15", "runs/sd", extra=(
+      "--config.data.name=image_text", "--config.data.data_dir=pairs",
+      "--config.data.num_classes=0", "--config.data.image_size=16", "--config.data.channels=3",
+      "--config.teacher_v.batch_size=4", "--config.stage_one.batch_size=4",
+      "--config.stage_two.batch_size=4"))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert re.search(r"stage_two/N=1 step 4/4", run.stderr)
   grid = np.asarray(Image.open(cwd / "runs" / "sd" / "teacher_v" / "samples" /
                                "step_00000004.png"))
   # Two rows (teacher_v.sample_w = 0, 4) of the four latent.sample_prompts: 16-pixel tiles,
   # 1-pixel pad, upscaled 4×.
   assert grid.shape[:2] == ((2 * 17 + 1) * 4, (4 * 17 + 1) * 4)
   (cwd / "prompts.txt").write_text("a handwritten digit three\n\na cat\n")
-  sample._main(["--workdir=runs/sd", "--model=student", "--num_steps=1", "--prompt=a dog",  # pylint: disable=protected-access
-                "--prompts_file=prompts.txt", "--w=2,8", "--out=samples"])
+  out = _sample(cwd, "runs/sd", "--model=student", "--num_steps=1", "--prompt=a dog",
+                "--prompts_file=prompts.txt", "--w=2,8", "--out=samples")
+  assert out.returncode == 0, out.stderr[-2000:]
   with np.load(cwd / "samples" / "student1_deterministic_1steps_seed0.npz") as f:
     assert f["images"].shape == (8, 16, 16, 3)  # decoded by the KL first stage
     assert list(f["prompts"][:4]) == ["a dog", "a handwritten digit three", "a cat", "a dog"]
