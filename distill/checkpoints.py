@@ -53,9 +53,9 @@ def _write_replicated_arrays_whole_on_cpu() -> None:
   """On the CPU backend, Orbax writes a replicated array from one replica, whole.
 
   Its default (replica-parallel writes: each replica writes a slice) slices every array shape with
-  a small compiled program, about 7 s of XLA:CPU compiles per process for a U-Net's train state
-  on 8 devices, and gains nothing when the devices share one host's memory. The files written
-  are the same. Accelerator backends keep Orbax's default.
+  a small compiled program, about 8 s of XLA:CPU compiles per process for a U-Net's train state
+  on 8 devices, and gains nothing when the devices share one host's memory. A checkpoint written
+  either way restores to the same arrays. Accelerator backends keep Orbax's default.
   """
   if jax.default_backend() != "cpu":
     return
