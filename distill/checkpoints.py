@@ -34,15 +34,13 @@ def is_finite(tree) -> bool:
   U-Net's state has dozens of leaf shapes, and a program per shape, or one over all leaves, costs
   seconds of XLA compiles); with several processes, their answers are gathered.
   """
-  ok = True
-  for x in jax.tree.leaves(tree):
-    if not jnp.issubdtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, jnp.inexact):
-      continue
+  def local_parts(x):  # one replica of each shard this process holds
     if isinstance(x, jax.Array):
-      ok = ok and all(bool(np.isfinite(np.asarray(s.data)).all())
-                      for s in x.addressable_shards if s.replica_id == 0)
-    else:
-      ok = ok and bool(np.isfinite(np.asarray(x)).all())
+      return [np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0]
+    return [np.asarray(x)]
+
+  ok = all(np.isfinite(part).all() for x in jax.tree.leaves(tree) for part in local_parts(x)
+           if jnp.issubdtype(part.dtype, jnp.inexact))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
@@ -62,7 +60,7 @@ def _write_replicated_arrays_whole_on_cpu() -> None:
   handler = ocp.type_handlers.get_type_handler(jax.Array)
   if not getattr(handler, "_use_replica_parallel", False):
     return
-  quiet = _DropMessages("overriding")  # Orbax warns of every override
+  quiet = lambda record: "overriding" not in record.getMessage()  # Orbax warns of overrides
   logging.getLogger("absl").addFilter(quiet)
   try:
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
@@ -70,15 +68,6 @@ def _write_replicated_arrays_whole_on_cpu() -> None:
         override=True)
   finally:
     logging.getLogger("absl").removeFilter(quiet)
-
-
-class _DropMessages(logging.Filter):
-  def __init__(self, text):
-    super().__init__()
-    self.text = text
-
-  def filter(self, record):
-    return self.text not in record.getMessage()
 
 
 class CheckpointError(RuntimeError):
