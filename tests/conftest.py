@@ -10,11 +10,14 @@ import tempfile
 _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
-# Tests are dominated by XLA's CPU compile time, not run time: skip LLVM's optimisation passes
-# (about 2.5x faster compiles; results are the same programs' results).
-_OPT = "--xla_backend_optimization_level"
-if _OPT not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += f" {_OPT}=0"
+# Tests are dominated by XLA's CPU compile time, not run time. Skip LLVM's optimisation passes
+# (about 2.5x faster compiles), and at that level emit fusions with XLA's older elemental emitters
+# instead of its MLIR fusion emitters: a tiny U-Net's train step compiles in 4.0 s instead of 6.0 s
+# (docs/testing.md). Results are the same programs' results, to float32 rounding.
+for _option, _value in (("--xla_backend_optimization_level", "0"),
+                        ("--xla_cpu_use_fusion_emitters", "false")):
+  if _option not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += f" {_option}={_value}"
 import distill  # noqa: E402,F401  (puts its XLA:CPU options into XLA_FLAGS before JAX starts)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

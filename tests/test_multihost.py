@@ -46,8 +46,12 @@ def _args(workdir):
 
 
 def _env(devices: int):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                                    "--xla_backend_optimization_level=0")
+  """This process's environment (its XLA options: the same compiled code as the reference), with
+  ``devices`` forced CPU devices."""
+  flags = [f for f in os.environ["XLA_FLAGS"].split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
+  return dict(os.environ, XLA_FLAGS=" ".join(
+      [*flags, f"--xla_force_host_platform_device_count={devices}"]))
 
 
 def _free_port() -> int:
@@ -98,7 +102,10 @@ def test_two_processes_match_one_process(runs):
     # Only process 0 writes metrics: one event file per link, with the same losses.
     a, b = _losses(link.directory(single)), _losses(link.directory(multi))
     assert [s for s, _ in a] == [s for s, _ in b] and a, link.name
-    np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=1e-7,
+    # Stage one starts at its target (the teacher's guided prediction), so its losses are about
+    # 1e-5 and follow rounding-sized gradients, which Adam scales up to full steps: losses are
+    # held to 1e-6 absolute, a tenth of their size (the teacher's, about 0.7, to 1e-5 relative).
+    np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=1e-6,
                                err_msg=link.name)
     # Parameters to float32 rounding: the processes' gradient all-reduce (gloo) sums in another
     # order than one process's, and Adam's 1/sqrt(v) enlarges rounding in near-zero gradients.
