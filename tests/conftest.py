@@ -47,11 +47,12 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
   """A workdir with the whole tiny digits pipeline (teacher → stage one → halvings 8 → 1) run
-  uninterrupted on one device; shared by every test that needs trained models."""
+  uninterrupted on the eight devices of this process; shared by every test that needs trained
+  models, and the reference of the multi-host test (2 processes × 4 devices)."""
   from distill import pipeline  # pylint: disable=import-outside-toplevel
   from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
   config = load_config("digits:runlocal")
-  config.num_devices = 1
+  config.num_devices = -1
   workdir = tmp_path_factory.mktemp("tiny_pipeline")
   pipeline.run(config, workdir)
   return workdir

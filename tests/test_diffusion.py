@@ -41,11 +41,11 @@ def z1():
   return jax.random.normal(jax.random.key(42), (20000, 2, 2, 1))
 
 
-def _sampler(kind, n):
+def _sampler(kind, n, *, key_impl=None):
   if kind == "deterministic":
     return jax.jit(lambda z: diffusion.sample_deterministic(gaussian_denoiser, z, n))
   return jax.jit(lambda z: diffusion.sample_stochastic(gaussian_denoiser, z, n,
-                                                       jax.random.key(7)))
+                                                       jax.random.key(7, impl=key_impl)))
 
 
 def test_ddim_step_with_true_x_lands_on_forward_process():
@@ -124,7 +124,9 @@ def test_deterministic_sampler_follows_exact_probability_flow(z1):
 
 @pytest.mark.parametrize("kind,n", [("deterministic", 4096), ("stochastic", 4096)])
 def test_many_step_samplers_reproduce_gaussian_data(z1, kind, n):
-  x = np.asarray(_sampler(kind, n)(z1), np.float64)
+  # The statistics do not depend on which generator draws the noise: the "rbg" one draws the
+  # stochastic sampler's 4096 × 80 000 normals in 9 s here, threefry (the default) in 21 s.
+  x = np.asarray(_sampler(kind, n, key_impl="rbg")(z1), np.float64)
   b = x.shape[0]
   mean, std = x.mean(axis=0), x.std(axis=0)
   # 5 standard errors of the estimates, plus 0.002 for the O(1/N) discretisation.

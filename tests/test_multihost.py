@@ -5,7 +5,7 @@ The two processes are ``python -m distill.main --multihost`` with a coordinator 
 workers share a ``gs://`` one. Each process reads only its rows of every global batch; all
 take part in the checkpoint saves and in their NaN check; only process 0 writes metrics. Every
 link's logged losses and final parameters must equal those of the single-process run on the
-same 8-device mesh.
+same 8-device mesh: the ``tiny_pipeline`` fixture, trained in the test process.
 """
 
 import os
@@ -27,15 +27,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # A link trained from scratch and a link that starts from the previous link's checkpoint and
 # holds it as a frozen teacher: the two ways a link meets the processes. (A halving is the
 # second kind again, with another objective.) The teacher draws its progress grid, the sampler
-# over the processes' mesh; stage one's would add compiles, not paths.
+# over the processes' mesh; stage one's would add compiles, not paths (a grid touches neither the
+# training's keys nor its parameters: the reference draws it).
 STAGES = "teacher,stage_one"
 
 
 def _config():
   config = load_config("digits:runlocal")
-  config.stages = STAGES
   config.num_devices = -1
-  config.stage_one.sample_every = 0
   return config
 
 
@@ -61,11 +60,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_pipeline, tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
-  # The reference: one process (this one: eight forced CPU devices) on the same 8-device mesh.
-  assert jax.device_count() == 8
-  pipeline.run(_config(), root / "single")
+  assert jax.device_count() == 8  # the reference: this process's eight forced CPU devices
   port = _free_port()
   logs = [root / f"process_{i}.log" for i in (0, 1)]
   procs = []
@@ -81,7 +78,7 @@ def runs(tmp_path_factory):
     text = log.read_text()
     assert p.returncode == 0, text[-3000:]
     assert f"JAX process {i}/2, 4 local / 8 global devices" in text
-  return root / "single", root / "multi"
+  return tiny_pipeline, root / "multi"
 
 
 def _losses(directory):
