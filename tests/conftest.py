@@ -67,11 +67,15 @@ def random_inception_weights(tmp_path_factory):
   rng = np.random.default_rng(0)
   arrays = {}
   for name, shape in inception.torch_layout().items():
+    # Scales that carry each image's signal through the ~95 layers (He-scaled convolutions,
+    # batch-norm gains near 1): with gains of 0.1 every image gave the same features.
     if name.endswith("running_var"):
       arrays[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    elif name.endswith(".bn.weight"):
+      arrays[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
     elif name.endswith(".conv.weight") or name == "fc.weight":
       fan_in = int(np.prod(shape[1:]))
-      arrays[name] = (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
+      arrays[name] = (rng.normal(size=shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
     else:
       arrays[name] = rng.normal(0.0, 0.1, shape).astype(np.float32)
   path = tmp_path_factory.mktemp("inception") / "random_fid_inception.safetensors"

@@ -57,10 +57,15 @@ def nn_dense(params, x):
 def test_extractor_gives_features_and_probabilities(weights):
   path, _ = weights
   extract = inception.make_extractor(path, batch_size=2)
-  images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1), minval=-1, maxval=1)
-  feats, probs = extract(np.asarray(images))
-  assert feats.shape == (2, 2048) and probs.shape == (2, 1008)
+  images = np.asarray(jax.random.uniform(jax.random.key(0), (3, 8, 8, 1), minval=-1, maxval=1))
+  feats, probs = extract(images)
+  assert feats.shape == (3, 2048) and probs.shape == (3, 1008)
   assert np.all(np.isfinite(feats)) and np.allclose(probs.sum(axis=1), 1.0)
+  # The third image, zero-padded into the last batch, gets the features it gets in a full batch
+  # (eval-mode batch norm: each image's result is its own), from the same compiled program.
+  again, _ = extract(images[[2, 0, 1]])
+  np.testing.assert_allclose(again[[1, 2, 0]], feats, rtol=1e-5, atol=1e-5)
+  assert np.std(feats[:, :8], axis=0).max() > 0  # the images are told apart
 
 
 def test_wrong_files_are_one_line_errors(tmp_path, weights):

@@ -256,12 +256,18 @@ def make_extractor(path, *, batch_size: int = 100):
   apply = jax.jit(lambda v, x: FIDInceptionV3().apply(v, x))
 
   def extract(images):
+    """Batches of ``batch_size``; the last one padded with zeros to that size, so that any number
+    of images runs on the one compiled program (each image's result depends on it alone)."""
     feats, probs = [], []
     images = np.asarray(images, np.float32)
     for start in range(0, len(images), batch_size):
-      f, logits = apply(variables, images[start:start + batch_size])
-      feats.append(np.asarray(f, np.float64))
-      probs.append(np.asarray(jax.nn.softmax(logits), np.float64))
+      chunk = images[start:start + batch_size]
+      n = len(chunk)
+      if n < batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+      f, logits = apply(variables, chunk)
+      feats.append(np.asarray(f, np.float64)[:n])
+      probs.append(np.asarray(jax.nn.softmax(logits), np.float64)[:n])
     return np.concatenate(feats), np.concatenate(probs)
 
   return extract
