@@ -13,9 +13,9 @@
 
 Medians over ``--steps`` after two warm-up steps, one device. All rows are timed round-robin
 (one call of each per round), so that their ratios compare the same minutes of the machine.
-``--flops_only`` neither compiles nor times: FLOPs from the cost analysis of the lowered programs
-(before XLA's optimisation passes, which count a few per cent fewer than the compiled ones), in
-seconds instead of a minute of compiles.
+``--flops_only`` neither compiles nor times: FLOPs from the cost analysis of the lowered programs,
+before XLA's optimisation passes (for the runlocal teacher step, 0.34 GFLOP against the compiled
+program's 0.37), in seconds instead of a minute of compiles.
 """
 
 from __future__ import annotations

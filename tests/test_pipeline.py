@@ -121,7 +121,7 @@ def _steps(directory):
 # options of then, on an Intel Xeon; the code after them gave bit-identical parameters on that
 # machine. XLA:CPU's code differs between CPU models, device counts and compile options, and the
 # tiny stage one learns from gradients near rounding size (its teacher's two branches barely
-# differ), which Adam scales up: on 8 devices with today's options the projections moved by 2e-6
+# differ), which Adam scales up: on 8 devices with the present options they moved by 2e-6
 # (stage one) to 1.7e-5 (N = 1). The test holds them to 4e-5, a sixth of the smallest change a
 # link makes (the first halving's, 2.4e-4).
 PIXEL_CHAIN_DIGEST = {
