@@ -31,19 +31,22 @@ def denoise_fn(family, params, cond, w=None, *, net=None):
   return fn
 
 
-def _concat(a, b):
-  return jax.tree.map(lambda u, v: jnp.concatenate([u, v]), a, b)
+def _interleave(a, b):
+  """``[a_0, b_0, a_1, b_1, …]`` along the batch: each example's two rows stay side by side, so
+  a batch sharded over devices is interleaved without moving data between them."""
+  return jax.tree.map(lambda u, v: jnp.stack([u, v], axis=1).reshape((-1,) + u.shape[1:]), a, b)
 
 
 def guided_x_prediction(family, params, z, t, cond, w):
   """Classifier-free guided ``(1+w) x̂_c − w x̂_u`` of the teacher, from one forward pass of
-  batch ``2B`` (the conditions and the null conditions concatenated)."""
+  batch ``2B``: each example's conditional and null-condition rows interleaved."""
   b = z.shape[0]
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
   cond = jax.tree.map(lambda c: jnp.broadcast_to(c, (b,) + jnp.shape(c)[1:]), cond)
-  x_both = x_prediction(family, family.teacher, params, jnp.concatenate([z, z]),
-                        jnp.concatenate([t, t]), _concat(cond, family.null_cond(cond)))
-  return guidance.guided_x(x_both[:b], x_both[b:], w)
+  x_both = x_prediction(family, family.teacher, params, _interleave(z, z), _interleave(t, t),
+                        _interleave(cond, family.null_cond(cond)))
+  x_both = x_both.reshape((b, 2) + x_both.shape[1:])
+  return guidance.guided_x(x_both[:, 0], x_both[:, 1], w)
 
 
 def guided_denoise_fn(family, params, cond, w):

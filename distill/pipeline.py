@@ -170,7 +170,9 @@ def run(config, workdir) -> None:
 
   if "eval" in stages and jax.process_index() == 0:
     start = time.time()
-    out = evaluate.run(config, workdir)
+    # Process 0 alone: on one host the run's mesh, on several its own devices.
+    out = evaluate.run(config, workdir, mesh=mesh if jax.process_count() == 1 else
+                       sharding.make_mesh(devices=jax.local_devices()))
     record.complete("eval", step=0, seconds=time.time() - start)
     logging.info("eval: report written to %s", out)
     for line in evaluate.summary(out, config):

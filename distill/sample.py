@@ -39,11 +39,15 @@ class LoadedModel:
   params: Any
   config: ml_collections.ConfigDict
   num_steps: int | None = None  # a student's trained step count
+  mesh: jax.sharding.Mesh | None = None  # params replicated on it; batches split over it
 
 
 def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
                mesh=None) -> LoadedModel:
-  """Reads a finished model of the chain from ``workdir``; clear errors for what is missing."""
+  """Reads a finished model of the chain from ``workdir``; clear errors for what is missing.
+
+  The parameters are replicated on ``mesh`` (default: one device), and ``generate`` splits each
+  batch over it."""
   if kind not in MODELS:
     raise ValueError(f"model={kind!r} is not one of {list(MODELS)}.")
   workdir = paths.resolve(workdir)
@@ -60,7 +64,7 @@ def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
     link = links[kind]
   params = layout.read_final_params(config, workdir, link, mesh)
   return LoadedModel(kind, family.of(config), params, config,
-                     num_steps if kind == "student" else None)
+                     num_steps if kind == "student" else None, mesh)
 
 
 def check_w(loaded: LoadedModel, w_values) -> None:
@@ -131,7 +135,8 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
 
   Example ``j`` starts from ``z_1 = normal(fold_in(key(seed), j))``, so a deterministic sample
   does not depend on the batch size or on which other samples are drawn (the stochastic
-  sampler's re-noising draws one key per batch).
+  sampler's re-noising draws one key per batch). Each batch is split over ``loaded.mesh``
+  (padded to a multiple of its size); the samples are those of one device, to float32 rounding.
   """
   fam = loaded.family
   if prompts is not None:
@@ -147,13 +152,18 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
   base = jax.random.key(seed)
+  split = sharding.batch_sharded(loaded.mesh) if loaded.mesh is not None else None
+  devices = loaded.mesh.size if loaded.mesh is not None else 1
+  size = min(batch_size, count)
+  size = -(-size // devices) * devices  # every batch the same shape: one compiled sampler
   out = []
   for start in range(0, count, batch_size):
     idx = np.arange(start, min(start + batch_size, count))
-    pad = batch_size - len(idx) if count > batch_size else 0
-    idx_p = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
-    x = run(_noise(base, jnp.asarray(idx_p), shape), conds(idx_p),
-            jnp.asarray(w[idx_p]), jax.random.fold_in(base, 2**30 + start))
+    idx_p = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
+    inputs = (_noise(base, jnp.asarray(idx_p), shape), conds(idx_p), jnp.asarray(w[idx_p]))
+    if split is not None:
+      inputs = jax.device_put(inputs, split)
+    x = run(*inputs, jax.random.fold_in(base, 2**30 + start))
     out.append(np.asarray(x)[:len(idx)])
   return np.concatenate(out)
 

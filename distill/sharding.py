@@ -14,9 +14,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """A 1-D ``('data',)`` mesh over the first ``num_devices`` devices (all by default)."""
-  devices = jax.devices()
+def make_mesh(num_devices: int | None = None, *, devices=None) -> jax.sharding.Mesh:
+  """A 1-D ``('data',)`` mesh over the first ``num_devices`` of ``devices`` (default: all of
+  ``jax.devices()``)."""
+  devices = jax.devices() if devices is None else list(devices)
   if num_devices is None:
     num_devices = len(devices)
   if not 1 <= num_devices <= len(devices):
@@ -24,6 +25,12 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
                      "(the devices JAX sees).")
   return jax.make_mesh((num_devices,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                        devices=devices[:num_devices])
+
+
+def cpu_devices_for(batch_sizes, cores: int) -> int:
+  """The CPU devices to split a host into: the most, up to one per core, that divide every
+  batch size (so that each batch splits evenly over them)."""
+  return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batch_sizes))
 
 
 def replicated(mesh) -> NamedSharding:

@@ -97,8 +97,11 @@ def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
           "num_samples": int(len(x))}
 
 
-def run(config, workdir) -> epath.Path:
-  """Computes the missing cells, then writes ``workdir/report/`` (table, figures, grids)."""
+def run(config, workdir, *, mesh=None) -> epath.Path:
+  """Computes the missing cells, then writes ``workdir/report/`` (table, figures, grids).
+
+  The samplers split each batch over ``mesh`` (default: one device); the cells are those of one
+  device, to float32 rounding."""
   workdir = epath.Path(paths.resolve(workdir))
   out = workdir / "report"
   extract, info = features.make_extractor(config, workdir)
@@ -120,7 +123,7 @@ def run(config, workdir) -> epath.Path:
     if model_key not in loaded:
       loaded.clear()  # one model in memory at a time
       loaded[model_key] = sample.load_model(workdir, kind, num_steps=model_key[1],
-                                            config=config)
+                                            config=config, mesh=mesh)
     t0 = time.time()
     x, labels = _generate(loaded[model_key], cell, config)
     result = cell_metrics(extract, x, labels, ref_stats, real_train,
