@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill.xla_cpu import YNN_FUSION_FLAG  # noqa: E402
+from distill.xla_cpu import DEVICE_COUNT_FLAG, YNN_FUSION_FLAG  # noqa: E402
 
 MODELS = {"digits": ("digits", 128), "cifar10": ("cifar10", 4)}
 QUICK = {"digits": ("digits:runlocal", 8), "cifar10": ("cifar10:runlocal", 2)}
@@ -68,10 +68,13 @@ def worker(spec: str, batch: int, runs: int, out: str) -> None:
 
 def _env(value: str) -> dict:
   """This process's environment with the package's options on ("1") or off ("0"), whatever
-  ``XLA_FLAGS`` says now (importing ``distill`` here would already have added them)."""
+  ``XLA_FLAGS`` says now (importing ``distill`` here would already have added them), and one CPU
+  device: the package sets its option only then (``distill/xla_cpu.py``)."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if f.split("=", 1)[0] != YNN_FUSION_FLAG]
-  return dict(os.environ, DISTILL_XLA_CPU_DEFAULTS=value, XLA_FLAGS=" ".join(flags))
+           if f.split("=", 1)[0] not in (YNN_FUSION_FLAG, DEVICE_COUNT_FLAG)]
+  env = dict(os.environ, DISTILL_XLA_CPU_DEFAULTS=value, XLA_FLAGS=" ".join(flags))
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  return env
 
 
 def bench_model(name: str, spec: str, batch: int, rounds: int, runs: int) -> dict:

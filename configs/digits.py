@@ -16,8 +16,8 @@ def get_config(arg=None):
   config.data.num_classes = 10
 
   # Sized for 2 CPU cores: the whole pipeline (teacher, stage one, seven halvings 128 -> 1) and
-  # its eval stage took 32 minutes on the Intel Xeon of BENCHMARKS.md, "The default run with
-  # 200-step halvings".
+  # its eval stage took 26 minutes on the Intel Xeon of BENCHMARKS.md, "One XLA device per core"
+  # (distill.main splits the CPU into one device per core).
   config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1

@@ -12,9 +12,9 @@ Relative paths (``--workdir``, ``teacher.checkpoint``, ``eval.inception_weights`
 
 On a host without accelerators the CPU is split into XLA devices, one per core by default
 (``--cpu_devices``), and every link trains data-parallel over them, with the eval stage's samplers
-split the same way: on 2 cores the digits run is about 13 % faster than on one device
-(BENCHMARKS.md, "One XLA device per core"; ``distill/xla_cpu.py`` on the XLA option that goes with
-it).
+split the same way: on 2 cores README's digits run takes 0.885 of its time on one device
+(BENCHMARKS.md, "One XLA device per core"; ``distill/xla_cpu.py`` on the XLA option that goes
+with it).
 
 Compiled programs are kept in JAX's persistent compilation cache (``--compilation_cache_dir``;
 ``distill/compilation_cache.py``), so later halvings and reruns do not compile them again.
@@ -23,6 +23,7 @@ Preemption: a SIGTERM during training saves a checkpoint of the current step and
 status 143; rerunning the same command resumes there.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -48,7 +49,8 @@ flags.DEFINE_integer("cpu_devices", None,
                      "CPU devices to split the host into (the CPU backend only; 1: no split). "
                      "Default: config.num_devices if set, else the most, up to one per core, that "
                      "divide every link's batch size; XLA_FLAGS' "
-                     "--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES, if set, win.")
+                     "--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES, if set, "
+                     "or an installed TPU/GPU plugin of JAX leave the count alone.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -63,12 +65,17 @@ def initialize_distributed(jax) -> None:
   jax.distributed.initialize(**explicit)
 
 
+# JAX's TPU and GPU plugins: where one is installed, the host's CPU is left as one device.
+ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
+
+
 def cpu_devices(config, requested: int | None, environ=os.environ) -> int | None:
   """How many CPU devices to split this host into (None: leave JAX's own count)."""
   from distill import layout, sharding, xla_cpu  # pylint: disable=import-outside-toplevel
   if requested is not None:
     return requested
-  if xla_cpu.cpu_device_count(environ) is not None:
+  if xla_cpu.cpu_device_count(environ) is not None or any(
+      importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS):
     return None
   if config.num_devices >= 1:  # other values: the pipeline's validation names the field
     return config.num_devices

@@ -29,7 +29,7 @@ import os
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 DEFAULT_FLAGS = (f"{YNN_FUSION_FLAG}=",)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-_added: list[str] = []  # the options apply() put into XLA_FLAGS (not the user's own)
+ADDED_VAR = "DISTILL_XLA_CPU_ADDED"  # the options apply() put into XLA_FLAGS (not the user's own)
 
 
 def flags_with_defaults(xla_flags: str) -> str:
@@ -63,7 +63,9 @@ def apply(environ=os.environ) -> None:
     return
   before = environ.get("XLA_FLAGS", "").split()
   environ["XLA_FLAGS"] = flags_with_defaults(" ".join(before))
-  _added.extend(f for f in environ["XLA_FLAGS"].split() if f not in before)
+  added = [f for f in environ["XLA_FLAGS"].split() if f not in before]
+  if added:  # inherited by subprocesses together with XLA_FLAGS
+    environ[ADDED_VAR] = " ".join(added)
 
 
 def split_host(num_devices: int, environ=os.environ) -> None:
@@ -78,7 +80,8 @@ def split_host(num_devices: int, environ=os.environ) -> None:
   if num_devices < 1:
     raise ValueError(f"cpu_devices={num_devices} must be >= 1.")
   jax.config.update("jax_num_cpu_devices", num_devices)
-  if num_devices > 1 and _added:
+  added = environ.get(ADDED_VAR, "").split()
+  if num_devices > 1 and added:
     environ["XLA_FLAGS"] = " ".join(f for f in environ.get("XLA_FLAGS", "").split()
-                                    if f not in _added)
-    _added.clear()
+                                    if f not in added)
+    del environ[ADDED_VAR]
