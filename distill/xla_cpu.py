@@ -11,8 +11,8 @@ With **more than one CPU device** in the process (``--xla_force_host_platform_de
 ``JAX_NUM_CPU_DEVICES`` above 1, or ``split_host``), the option is not set: without the YNNPACK
 fusions, XLA:CPU computes wrong values for the first rows of each device's shard when the devices
 run a long program (a 12-step sampler) concurrently, while with them the shards match one device
-to float32 rounding (``tests/test_sample.py::test_sampler_on_two_cpu_devices_matches_one``). With
-one device per core, the two settings train equally fast (BENCHMARKS.md, "One XLA device per
+to float32 rounding (``tests/test_sample.py::test_sampler_on_eight_cpu_devices_matches_one``).
+With one device per core, the two settings train equally fast (BENCHMARKS.md, "One XLA device per
 core").
 
 ``apply()`` adds the option to ``XLA_FLAGS`` unless the user's ``XLA_FLAGS`` already sets it (to

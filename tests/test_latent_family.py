@@ -78,8 +78,10 @@ def test_the_family_reads_the_folder(fam):
   assert table.shape[0] == 11  # ten classes and the null condition
   if fam.conditioning == "text":  # the null condition is the empty prompt's context
     np.testing.assert_allclose(table[-1], np.asarray(models.encode_prompt([""]))[0], atol=1e-6)
+    # The table encodes eleven prompts in one batch, this one prompt alone: float32 rounding
+    # that depends on the batch (1.4e-6 with XLA's YNNPACK fusions, on the suite's 8 devices).
     np.testing.assert_allclose(table[3], np.asarray(models.encode_prompt(
-        ["a handwritten digit three"]))[0], atol=1e-6)
+        ["a handwritten digit three"]))[0], atol=1e-5)
   else:  # the class embedder's rows, the null class last
     np.testing.assert_allclose(table, np.asarray(models.encode_class(np.arange(11)))[:, ],
                                atol=1e-6)

@@ -1,13 +1,10 @@
 """The sampling CLI and its library functions on the tiny pipeline's workdir."""
 
-import os
-import subprocess
-import sys
-
+import jax
 import numpy as np
 import pytest
 
-from distill import sample, sharding, xla_cpu
+from distill import sample, sharding
 
 
 def test_cli_writes_grid_and_npz(tiny_pipeline, tmp_path):
@@ -70,37 +67,31 @@ def test_samples_split_over_devices_match_one_device(tiny_pipeline):
     np.testing.assert_allclose(b, a, atol=1e-5, err_msg=f"{kind} {sampler}")
 
 
-_TWO_DEVICES = """
-import sys
-import distill
-from distill import xla_cpu
-xla_cpu.split_host(2)  # as distill.main does on a 2-core host
-import jax, numpy as np
-from distill import family, sample, sharding
-from distill.config_utils import load_config
-config = load_config("digits:runlocal")
-fam = family.of(config)
-# A teacher whose every parameter is non-zero (a fresh one has zero output layers).
-params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape),
-                      fam.init_teacher(jax.random.key(0)))
-out = []
-for n in (1, 2):
-  mesh = sharding.make_mesh(n)
-  loaded = sample.LoadedModel("teacher", fam, sharding.replicate(mesh, params), config, None, mesh)
-  out.append(sample.generate(loaded, sampler="deterministic", num_steps=12,
-                             labels=np.arange(300) % 10, w=1.0, seed=0, batch_size=300))
-print(float(np.abs(out[0] - out[1]).max()))
-"""
-
-
-def test_sampler_on_two_cpu_devices_matches_one():
-  """In a fresh process split into two CPU devices as ``distill.main`` splits a 2-core host: a
-  12-step guided sampler over both devices gives one device's samples. Without XLA's YNNPACK
-  fusions (the package's one-device option, distill/xla_cpu.py) the first four samples of each
-  device's shard came out wrong here, by up to 0.09."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", xla_cpu.ADDED_VAR)}
-  res = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, capture_output=True,
-                       text=True, timeout=600)
-  assert res.returncode == 0, res.stderr[-2000:]
-  assert float(res.stdout.strip().splitlines()[-1]) < 1e-4
+def test_sampler_on_eight_cpu_devices_matches_one():
+  """This process has eight CPU devices and the options the package chose for them at import
+  (XLA's YNNPACK fusions on): a 12-step guided sampler over the eight, 100 samples each, gives
+  one device's samples. With the package's one-device option instead, the first four samples of
+  each device's shard came out wrong here, by up to 0.14 (distill/xla_cpu.py;
+  tests/test_xla_cpu.py checks that ``split_host`` chooses the same way). One device computes
+  only the first eight and the last four samples of each shard: each sample depends on its own
+  noise, label and w alone."""
+  from distill import family  # pylint: disable=import-outside-toplevel
+  from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config("digits:runlocal")
+  fam = family.of(config)
+  # A teacher whose every parameter is non-zero (a fresh one has zero output layers).
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape),
+                        fam.init_teacher(jax.random.key(0)))
+  z = np.asarray(jax.random.normal(jax.random.key(1), (800,) + fam.x_shape))
+  labels, w = np.arange(800) % 10, np.full(800, 1.0, np.float32)
+  rows = np.concatenate([np.r_[s:s + 8, s + 96:s + 100] for s in range(0, 800, 100)])
+  out = []
+  for n, idx in ((8, np.arange(800)), (1, rows)):
+    mesh = sharding.make_mesh(n)
+    loaded = sample.LoadedModel("teacher", fam, sharding.replicate(mesh, params), config, None,
+                                mesh)
+    inputs = jax.device_put((z[idx], fam.cond_from_labels(labels[idx]), w[idx]),
+                            sharding.batch_sharded(mesh))
+    out.append(np.asarray(sample.make_sampler(loaded, "deterministic", 12)(
+        *inputs, jax.random.key(2))))
+  np.testing.assert_allclose(out[0][rows], out[1], atol=1e-4)
