@@ -2,10 +2,10 @@
 
 jax 0.10's CPU backend hands convolutions, dots, reductions and element-wise ops to YNNPACK
 fusions by default. For this project's U-Nets those fusions are the slow path on a single CPU
-device: turning them off (``--xla_cpu_experimental_ynn_fusion_type=`` with an empty list) makes the
-digits U-Net's forward and backward passes about 2× faster and the CIFAR-10 U-Net's 25–30 % faster,
-with bit-identical forward outputs (``bench/xla_cpu_flags.py``; BENCHMARKS.md, "XLA:CPU's YNNPACK
-fusions").
+device: turning them off (``--xla_cpu_experimental_ynn_fusion_type=`` with an empty list) makes
+the digits U-Net's forward and backward passes about 2× faster and the CIFAR-10 U-Net's 25–30 %
+faster, with bit-identical forward outputs (``bench/xla_cpu_flags.py``; BENCHMARKS.md, "XLA:CPU's
+YNNPACK fusions").
 
 With **more than one CPU device** in the process (``--xla_force_host_platform_device_count`` or
 ``JAX_NUM_CPU_DEVICES`` above 1, or ``split_host``), the option is not set: without the YNNPACK
