@@ -91,14 +91,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage_two.sample_w = (0.0, 1.0, 4.0)
 
   # Evaluation (paper Table 1, Fig. 2 and 6): FID / IS / class accuracy of the guided teacher
-  # (DDIM at teacher_steps, 2 evaluations each), of DDIM on the teacher at ddim_steps, and of the
-  # students at student_steps (deterministic and stochastic samplers), for every w and seed.
+  # (DDIM at teacher_steps, 2 evaluations each), of DDIM and of DPM-Solver++ (2M) on the teacher
+  # at ddim_steps and dpm_solver_steps, and of the students at student_steps (deterministic and
+  # stochastic samplers), for every w and seed.
   config.eval = ml_collections.ConfigDict()
   config.eval.w_values = (0.0, 0.3, 1.0, 4.0)
   config.eval.num_samples = 1000  # per cell and seed, class-balanced
   config.eval.seeds = (0, 1, 2)
   config.eval.teacher_steps = 256
   config.eval.ddim_steps = (1, 2, 4, 8, 16)
+  config.eval.dpm_solver_steps = (2, 4, 8, 16, 32)  # at 1-2 steps the solver is DDIM
   config.eval.student_steps = (1, 2, 4, 8, 16)
   config.eval.samplers = ("deterministic", "stochastic")
   config.eval.features = "digits"  # the project's digits classifier (digits-FID), or "inception"
@@ -177,6 +179,7 @@ def shrink_for_cpu(config, *, steps: int = 6) -> None:
   config.eval.seeds = (0, 1)
   config.eval.teacher_steps = 4
   config.eval.ddim_steps = (1, 2)
+  config.eval.dpm_solver_steps = (3,)  # one second-order step between two first-order ones
   config.eval.student_steps = (1, 2)
   config.eval.classifier_steps = 200
   config.eval.batch_size = 20

@@ -68,8 +68,8 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
     check_latent(config, stages)
   else:
     check_model_config(config)
-    if config.data.name == "image_text":
-      raise ValueError("data.name='image_text' holds captions, not labels: it serves a "
+    if input_pipeline.captioned(config.data):
+      raise ValueError(f"data.name={config.data.name!r} holds captions, not labels: it serves a "
                        "text-conditioned latent teacher (see configs/sd15.py).")
     if config.teacher.get("pretrained"):
       raise ValueError("teacher.pretrained is set but family='pixel': a diffusers-layout teacher "
@@ -136,20 +136,21 @@ def check_latent(config, stages) -> None:
     raise ValueError(f"teacher.pretrained={config.teacher.pretrained} predicts {kind!r}, and the "
                      "student predicts v, starting from its teacher: keep the ε→v fine-tuning "
                      "(teacher_v.num_train_steps > 0, paper §4.2).")
-  if config.data.name == "image_text":
+  if input_pipeline.captioned(config.data):
     if config.latent.conditioning != "text":
-      raise ValueError("data.name='image_text' (captions) needs latent.conditioning='text'.")
+      raise ValueError(f"data.name={config.data.name!r} (captions) needs "
+                       "latent.conditioning='text'.")
     if config.data.num_classes:
       raise ValueError(f"data.num_classes={config.data.num_classes}: image–caption data have no "
                        "labels; set --config.data.num_classes=0.")
     if not config.latent.sample_prompts:
       raise ValueError("latent.sample_prompts is empty: the progress grids of caption data need "
                        "at least one prompt.")
-    from distill import image_text  # pylint: disable=import-outside-toplevel
-    image_text.source(config.data, "train")  # or a one-line error
+    input_pipeline.source(config.data, "train")  # or a one-line error
   elif not config.data.num_classes > 0:
     raise ValueError(f"data.num_classes={config.data.num_classes} must be > 0 for data.name="
-                     f"{config.data.name!r} (only image_text data come without labels).")
+                     f"{config.data.name!r} (only captioned data come without labels: "
+                     f"{', '.join(input_pipeline.CAPTIONED)}).")
   for name in ("teacher_v", "stage_one", "stage_two"):
     if name in config and config[name].get("dropout", 0.0):
       raise ValueError(f"{name}.dropout={config[name].dropout}: the latent U-Net has no dropout; "
@@ -175,10 +176,11 @@ def check_eval(config) -> None:
   if e.num_samples < 10 or not e.seeds or not e.w_values or e.batch_size < 1:
     raise ValueError(f"eval.num_samples={e.num_samples} must be >= 10, and eval.seeds, "
                      "eval.w_values non-empty, eval.batch_size >= 1.")
-  bad = [s for s in (e.teacher_steps, *e.ddim_steps) if not isinstance(s, int) or s < 1]
+  bad = [s for s in (e.teacher_steps, *e.ddim_steps, *e.dpm_solver_steps)
+         if not isinstance(s, int) or s < 1]
   if bad or set(e.samplers) - {"deterministic", "stochastic"}:
-    raise ValueError(f"eval.teacher_steps/ddim_steps {bad} must be integers >= 1 and "
-                     f"eval.samplers={tuple(e.samplers)} a subset of (deterministic, stochastic).")
+    raise ValueError(f"eval.teacher_steps/ddim_steps/dpm_solver_steps {bad} must be integers "
+                     f">= 1 and eval.samplers={tuple(e.samplers)} a subset of (deterministic, stochastic).")
 
 
 def check_halvings(two) -> None:

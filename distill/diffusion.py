@@ -1,5 +1,8 @@
 """Forward process, parameterisation conversions, DDIM steps and the N-step samplers.
 
+Samplers: DDIM (Eq. 2), the stochastic sampler (Eq. 4–7) and, as the baseline for the teacher,
+DPM-Solver++ (2M) (docs/design.md §1.13).
+
 Notation as in docs/design.md §1 and the paper: ``z_t = α_t x + σ_t ε``; the network predicts
 ``v = α ε − σ x``; ``λ`` is the log-SNR. Every function is pure and jit-able. ``logsnr``
 arguments are a scalar or one value per example (shape ``[B]``); they are broadcast against the
@@ -165,4 +168,54 @@ def sample_stochastic(denoise_fn: DenoiseFn, z1, num_steps: int, rng, *,
     return renoise(z_k, lam_k, lam_s, eps).astype(z.dtype), x_pred
 
   _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1)))
+  return x
+
+
+def dpm_solver_step(z_t, x_pred, logsnr_t, logsnr_s, *, x_prev=None, logsnr_prev=None):
+  """One DPM-Solver++ step from ``t`` to ``s < t`` in data prediction (docs/design.md §1.13).
+
+  With ``h = (λ_s − λ_t)/2`` (half-log-SNR), ``z_s = (σ_s/σ_t) z_t − α_s·expm1(−h)·D``. First
+  order (``x_prev`` None): ``D = x̂_t``, which is exactly the DDIM step (Eq. 2). Second order
+  (2M): ``D = (1 + 1/(2r)) x̂_t − x̂_prev/(2r)`` with ``r = h_prev/h``, where ``x̂_prev`` is the
+  prediction at the previous time, ``logsnr_prev``, and ``h_prev = (λ_t − λ_prev)/2``.
+  """
+  _, sigma_t = _alpha_sigma(logsnr_t, z_t, "logsnr_t")
+  alpha_s, sigma_s = _alpha_sigma(logsnr_s, z_t, "logsnr_s")
+  lam_t = per_example(logsnr_t, z_t, "logsnr_t")
+  h = 0.5 * (per_example(logsnr_s, z_t, "logsnr_s") - lam_t)
+  d = x_pred
+  if x_prev is not None:
+    r = 0.5 * (lam_t - per_example(logsnr_prev, z_t, "logsnr_prev")) / h
+    d = x_pred + (x_pred - x_prev) / (2.0 * r)
+  return (sigma_s / sigma_t) * z_t - alpha_s * jnp.expm1(-h) * d
+
+
+def sample_dpm_solver(denoise_fn: DenoiseFn, z1, num_steps: int, *,
+                      logsnr_fn=schedules.cosine_logsnr):
+  """N-step DPM-Solver++ (2M), the multistep second-order solver of the probability-flow ODE in
+  data prediction (docs/design.md §1.13), on the grid ``t = i/N``, ``i = N … 0``.
+
+  The first step is first order (no previous prediction yet), and so is the last, to ``t = 0``,
+  where ``σ`` is (nearly) zero and ``h`` jumps: the second-order extrapolation there multiplies
+  the difference of the last two predictions by ``1/(2r)``, ``r = h_prev/h → 0``. Diffusers' solver
+  does the same (``lower_order_final``; always for a final σ of zero). With 1 or 2 steps this is
+  DDIM. Returns the last step's ``D`` (the sample at ``t = 0``), the DDIM sampler's convention.
+  ``denoise_fn(z, t) -> x̂`` takes a batch-shaped ``t``; one ``lax.fori_loop``.
+  """
+  n = check_num_steps(num_steps)
+  z1 = jnp.asarray(z1)
+
+  def body(j, carry):
+    z, x_prev, _ = carry
+    i = n - j
+    t, s, p = i / n, (i - 1) / n, jnp.minimum((i + 1) / n, 1.0)
+    x_pred = denoise_fn(z, _batch_time(t, z)).astype(z.dtype)
+    lam_t, lam_s = logsnr_fn(t), logsnr_fn(s)
+    first = dpm_solver_step(z, x_pred, lam_t, lam_s)
+    second = dpm_solver_step(z, x_pred, lam_t, lam_s, x_prev=x_prev, logsnr_prev=logsnr_fn(p))
+    multistep = jnp.logical_and(j > 0, i > 1)
+    z_s = jnp.where(multistep, second, first).astype(z.dtype)
+    return z_s, x_pred, x_pred
+
+  _, _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1), jnp.zeros_like(z1)))
   return x

@@ -3,7 +3,8 @@
 Picks a model of the chain — ``teacher`` (guided DDIM, two network evaluations per step, in one
 batched pass), ``stage_one`` (the w-conditioned student, DDIM with any step count) or
 ``student`` (the stage-two student with ``--num_steps`` steps) — a sampler (``deterministic``:
-Eq. 2; ``stochastic``: Eq. 4–7, which asks a student with N steps for 2N evaluations), guidance
+Eq. 2; ``stochastic``: Eq. 4–7, which asks a student with N steps for 2N evaluations;
+``dpm_solver``: DPM-Solver++ (2M) at any step count, for the teacher and stage one), guidance
 weights, class labels (or, for a text-conditioned latent teacher, ``--prompt``s or a
 ``--prompts_file``), a count and a seed, and writes a PNG grid (a row per w) and an ``.npz`` of
 the decoded samples (``images`` in [−1, 1], ``labels`` or ``prompts``, ``w``).
@@ -28,7 +29,7 @@ from distill import (cli, compilation_cache, denoiser, diffusion, family, images
                      sharding)
 
 MODELS = ("teacher", "stage_one", "student")
-SAMPLERS = ("deterministic", "stochastic")
+SAMPLERS = ("deterministic", "stochastic", "dpm_solver")
 
 
 @dataclasses.dataclass
@@ -84,6 +85,10 @@ def evaluations(loaded: LoadedModel, sampler: str, num_steps: int) -> int:
 
 def sampler_steps(loaded: LoadedModel, sampler: str, num_steps: int | None) -> int:
   """The sampler's step count: a student's own count (×2 for the stochastic sampler)."""
+  if loaded.kind == "student" and sampler == "dpm_solver":
+    raise ValueError("--sampler=dpm_solver solves the teacher's (or stage one's) ODE at any step "
+                     "count; a stage-two student takes its own steps: use --sampler="
+                     "deterministic or stochastic.")
   if loaded.kind == "student":
     n = loaded.num_steps
     if sampler == "stochastic":
@@ -108,6 +113,8 @@ def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
     fn = make_fn(fam, params, cond, w)
     if sampler == "deterministic":
       return diffusion.sample_deterministic(fn, z1, steps, logsnr_fn=fam.logsnr_fn)
+    if sampler == "dpm_solver":
+      return diffusion.sample_dpm_solver(fn, z1, steps, logsnr_fn=fam.logsnr_fn)
     return diffusion.sample_stochastic(fn, z1, steps, key, logsnr_fn=fam.logsnr_fn)
 
   return run
@@ -179,7 +186,7 @@ def _main(argv):
   parser.add_argument("--workdir", required=True, help="a distill.main workdir")
   parser.add_argument("--model", default="student", choices=MODELS)
   parser.add_argument("--num_steps", type=int, default=None,
-                      help="student: which student; teacher/stage_one: DDIM steps")
+                      help="student: which student; teacher/stage_one: the sampler's steps")
   parser.add_argument("--sampler", default="deterministic", choices=SAMPLERS)
   parser.add_argument("--w", default="0,1,4", help="guidance weights, one grid row each")
   parser.add_argument("--labels", default="", help="class labels (default 0..9 cycling)")

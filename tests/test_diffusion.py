@@ -105,12 +105,15 @@ def test_stochastic_sampler_matches_literal_eq4_to_7_loop(z1, n):
   np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
 
 
+def _exact_flow_endpoint(z1):
+  a1, s1, _ = _np_alpha_sigma(1.0)
+  return MU + STD * (np.asarray(z1, np.float64) - a1 * MU) / np.sqrt(a1**2 * STD**2 + s1**2)
+
+
 def test_deterministic_sampler_follows_exact_probability_flow(z1):
   # For Gaussian data the probability-flow ODE is linear: z_t = α_t μ + r_t u with
   # r_t² = α_t² s² + σ_t², so the exact sample from z_1 is x = μ + s (z_1 − α_1 μ) / r_1.
-  a1, s1, _ = _np_alpha_sigma(1.0)
-  u = (np.asarray(z1, np.float64) - a1 * MU) / np.sqrt(a1**2 * STD**2 + s1**2)
-  exact = MU + STD * u
+  exact = _exact_flow_endpoint(z1)
   errors = {}
   for n in (256, 1024):
     x = np.asarray(_sampler("deterministic", n)(z1))
@@ -141,7 +144,50 @@ def test_few_step_samplers_are_visibly_biased(z1, kind, n):
   assert np.all(std < 0.7 * STD[0]), std  # shrunk towards the mean: too few steps
 
 
-@pytest.mark.parametrize("sampler", ["deterministic", "stochastic"])
+def test_dpm_solver_first_order_step_is_the_ddim_step():
+  z, x = jax.random.normal(jax.random.key(1), (2, 4, 2, 2, 1))
+  lam_t, lam_s = jnp.array([-3.0, 0.5, 2.0, -8.0]), jnp.array([-1.0, 1.5, 9.0, 0.0])
+  np.testing.assert_allclose(diffusion.dpm_solver_step(z, x, lam_t, lam_s),
+                             diffusion.ddim_step(z, x, lam_t, lam_s), rtol=1e-5, atol=1e-6)
+
+
+def _np_dpm_solver(z1, n):
+  """DPM-Solver++ (2M) written out in float64: ``h = (λ_s − λ_t)/2``,
+  ``z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D``, ``D = x̂`` at the first and the last step, else
+  ``D = (1 + 1/(2r)) x̂ − x̂_prev/(2r)`` with ``r = h_prev/h``."""
+  z, x_prev, h_prev = np.asarray(z1, np.float64), None, None
+  for i in range(n, 0, -1):
+    _, sigma_t, lam_t = _np_alpha_sigma(i / n)
+    alpha_s, sigma_s, lam_s = _np_alpha_sigma((i - 1) / n)
+    x = np_gaussian_denoiser(z, i / n)
+    h = (lam_s - lam_t) / 2
+    d = x if x_prev is None or i == 1 else (1 + h / (2 * h_prev)) * x - h / (2 * h_prev) * x_prev
+    z = sigma_s / sigma_t * z - alpha_s * (np.exp(-h) - 1) * d
+    x_prev, h_prev = x, h
+  return d
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 32])
+def test_dpm_solver_matches_literal_float64_loop(z1, n):
+  got = jax.jit(lambda z: diffusion.sample_dpm_solver(gaussian_denoiser, z, n))(z1[:256])
+  np.testing.assert_allclose(got, _np_dpm_solver(z1[:256], n), rtol=1e-4, atol=2e-4)
+
+
+def test_dpm_solver_lands_closer_to_the_flow_endpoint_than_ddim(z1):
+  # Time-uniform DPM-Solver++ (2M) with a first-order last step: here it errs by at most 0.27
+  # at 8 steps and 0.12 at 16, DDIM by 0.64 and 0.33 (per pixel of s = 0.5: 0.15 and 0.005
+  # against 0.34 and 0.18). A second-order last step errs by 1.7 at 8 steps, worse than DDIM.
+  exact = _exact_flow_endpoint(z1)
+  for n in (8, 16):
+    dpm = np.abs(np.asarray(jax.jit(lambda z: diffusion.sample_dpm_solver(
+        gaussian_denoiser, z, n))(z1)) - exact).max()
+    ddim = np.abs(np.asarray(_sampler("deterministic", n)(z1)) - exact).max()
+    assert dpm < 0.5 * ddim, (n, dpm, ddim)
+  two = jax.jit(lambda z: diffusion.sample_dpm_solver(gaussian_denoiser, z, 2))(z1[:64])
+  np.testing.assert_allclose(two, _sampler("deterministic", 2)(z1[:64]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["deterministic", "stochastic", "dpm_solver"])
 def test_sampler_traces_denoiser_once_into_one_loop(sampler):
   calls = []
 
@@ -152,6 +198,8 @@ def test_sampler_traces_denoiser_once_into_one_loop(sampler):
   z = jnp.zeros((2, 2, 2, 1))
   if sampler == "deterministic":
     fn = lambda z: diffusion.sample_deterministic(counting_denoiser, z, 64)
+  elif sampler == "dpm_solver":
+    fn = lambda z: diffusion.sample_dpm_solver(counting_denoiser, z, 64)
   else:
     fn = lambda z: diffusion.sample_stochastic(counting_denoiser, z, 64, jax.random.key(0))
   jaxpr = jax.make_jaxpr(fn)(z)
@@ -167,6 +215,8 @@ def test_bad_num_steps_is_refused(bad):
     diffusion.sample_deterministic(gaussian_denoiser, z, bad)
   with pytest.raises(ValueError, match="num_steps"):
     diffusion.sample_stochastic(gaussian_denoiser, z, bad, jax.random.key(0))
+  with pytest.raises(ValueError, match="num_steps"):
+    diffusion.sample_dpm_solver(gaussian_denoiser, z, bad)
 
 
 def test_numpy_integer_steps_are_accepted():

@@ -43,8 +43,9 @@ def one_line_error(fn, *args, **kwargs) -> str:
     ("num_devices", 0, "num_devices=0 must be >= 1, or -1 for all devices"),
     ("stage_one.w_min", 5.0, "stage_one.w_min=5.0 must be <= stage_one.w_max=4.0"),
     ("stage_one.w_min", -1.5, "stage_one.w_min=-1.5 must be >= -1"),
-    ("eval.ddim_steps", (1, 0), "eval.teacher_steps/ddim_steps [0] must be integers >= 1"),
-    ("eval.teacher_steps", -4, "eval.teacher_steps/ddim_steps [-4] must be integers >= 1"),
+    ("eval.ddim_steps", (1, 0), "eval.teacher_steps/ddim_steps/dpm_solver_steps [0] must be "),
+    ("eval.dpm_solver_steps", (4, 2.5), "ddim_steps/dpm_solver_steps [2.5] must be integers"),
+    ("eval.teacher_steps", -4, "eval.teacher_steps/ddim_steps/dpm_solver_steps [-4] must be "),
     ("eval.samplers", ("ancestral",), "a subset of (deterministic, stochastic)"),
     ("teacher.checkpoint", "no/such/teacher", "teacher.checkpoint='{cwd}/no/such/teacher' does "
                                               "not exist"),

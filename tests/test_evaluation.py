@@ -36,16 +36,19 @@ def test_report_has_one_cell_per_method_steps_w(tiny_pipeline):
   keys = {(r["method"], int(r["steps"]), float(r["w"])) for r in rows}
   e = config.eval
   expected_rows = ([("teacher", e.teacher_steps)] + [("ddim", s) for s in e.ddim_steps]
+                   + [("dpm_solver", s) for s in e.dpm_solver_steps]
                    + [(m, n) for n in e.student_steps for m in ("student", "student_stochastic")])
-  assert len(expected_rows) == 7  # teacher; DDIM at 1, 2; students 1, 2 with both samplers
+  # teacher; DDIM at 1, 2; DPM-Solver++ at 3; students 1, 2 with both samplers
+  assert len(expected_rows) == 8
   assert keys == {(m, s, w) for m, s in expected_rows for w in e.w_values}
   assert len(rows) == len(keys) and all(r["seeds"] == str(len(e.seeds)) for r in rows)
   nfe = {(r["method"], int(r["steps"])): int(r["nfe"]) for r in rows}
   assert nfe[("teacher", 4)] == 8 and nfe[("student_stochastic", 2)] == 4
-  assert nfe[("student", 1)] == 1
+  assert nfe[("student", 1)] == 1 and nfe[("dpm_solver", 3)] == 6
   table = (report / "table.md").read_text()
   assert "real-vs-real floor" in table and "git revision" in table
   assert table.count("| Distilled, stochastic |") == 2
+  assert table.count("| DPM-Solver++ 2M (teacher) | 3 | 6 |") == 1
   cells = list((report / "cells").iterdir())
   assert len(cells) == len(keys) * 2
   fid = [float(r["fid_mean"]) for r in rows]
@@ -113,7 +116,8 @@ def test_eval_with_inception_on_mock_cifar10(tmp_path, random_inception_weights)
   config.stages = "teacher,eval"
   config.eval.inception_weights = str(random_inception_weights[0])
   config.eval.update(dict(w_values=(0.0,), seeds=(0,), num_samples=10, teacher_steps=2,
-                          ddim_steps=(1,), batch_size=10, reference_samples=20, pr_samples=20))
+                          ddim_steps=(1,), dpm_solver_steps=(), batch_size=10,
+                          reference_samples=20, pr_samples=20))
   with tfds.testing.mock_data(num_examples=40):
     pipeline.run(config, tmp_path)
   with open(tmp_path / "report" / "table.csv") as f:

@@ -28,12 +28,21 @@ def test_samples_do_not_depend_on_batching(tiny_pipeline):
   c = sample.generate(loaded, sampler="deterministic", num_steps=3, labels=labels, w=w, seed=6,
                       batch_size=7)
   assert not np.allclose(a, c)
+  # DPM-Solver++ (2M) takes its first and last steps at first order: at 2 steps it is DDIM; at 3
+  # its middle step is second order.
+  dpm = lambda n: sample.generate(loaded, sampler="dpm_solver", num_steps=n, labels=labels, w=w,
+                                  seed=5, batch_size=7)
+  ddim2 = sample.generate(loaded, sampler="deterministic", num_steps=2, labels=labels, w=w,
+                          seed=5, batch_size=7)
+  np.testing.assert_allclose(dpm(2), ddim2, atol=1e-5)
+  assert np.abs(dpm(3) - a).max() > 1e-3
 
 
 @pytest.mark.parametrize("args,message", [
     (["--model=student", "--num_steps=3"], "no stage-two student with num_steps=3 .* available "
                                            r"\[1, 2, 4\]"),
     (["--model=teacher"], "--num_steps is required for model=teacher"),
+    (["--num_steps=2", "--sampler=dpm_solver"], "--sampler=dpm_solver solves the teacher's"),
     (["--labels=12", "--num_steps=1"], r"--labels \[12\] are outside \[0, 10\)"),
 ])
 def test_cli_errors_are_one_line(tiny_pipeline, args, message, capsys):

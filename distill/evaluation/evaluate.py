@@ -6,6 +6,8 @@ Methods (paper Table 1, Fig. 2 and 6):
   evaluations per step, batched) — the reference;
 * ``ddim``: the same teacher with DDIM at each of ``eval.ddim_steps`` — the baseline at a
   budget of ``2·steps`` evaluations;
+* ``dpm_solver``: the same teacher with DPM-Solver++ (2M) at each of ``eval.dpm_solver_steps``
+  (``2·steps`` evaluations) — the few-step solver a user would pick instead (paper Table 2);
 * ``student``: the stage-two student with N steps, ``N`` in ``eval.student_steps`` (those that
   were trained), deterministic sampler (N evaluations);
 * ``student_stochastic``: the same student with the stochastic sampler (2N evaluations).
@@ -30,7 +32,7 @@ from etils import epath
 from distill import files, images, layout, paths, progress, sample
 from distill.evaluation import features, metrics, report
 
-METHODS = ("teacher", "ddim", "student", "student_stochastic")
+METHODS = ("teacher", "ddim", "dpm_solver", "student", "student_stochastic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,8 @@ class Cell:
   @property
   def nfe(self) -> int:
     """Network evaluations per sample."""
-    return {"teacher": 2, "ddim": 2, "student": 1, "student_stochastic": 2}[self.method] * self.steps
+    return {"teacher": 2, "ddim": 2, "dpm_solver": 2, "student": 1,
+            "student_stochastic": 2}[self.method] * self.steps
 
   @property
   def key(self) -> str:
@@ -56,6 +59,7 @@ def plan(config, workdir=None, *, trained=None) -> list[Cell]:
   trained = set(layout.available_students(workdir) if trained is None else trained)
   rows = [("teacher", int(cfg.teacher_steps))]
   rows += [("ddim", int(s)) for s in cfg.ddim_steps]
+  rows += [("dpm_solver", int(s)) for s in cfg.dpm_solver_steps]
   for n in cfg.student_steps:
     if int(n) not in trained:
       if workdir is not None:
@@ -71,7 +75,8 @@ def plan(config, workdir=None, *, trained=None) -> list[Cell]:
 def _generate(loaded, cell: Cell, config) -> tuple[np.ndarray, np.ndarray]:
   n = int(config.eval.num_samples)
   labels = np.arange(n) % config.data.num_classes
-  sampler = "stochastic" if cell.method == "student_stochastic" else "deterministic"
+  sampler = {"student_stochastic": "stochastic",
+             "dpm_solver": "dpm_solver"}.get(cell.method, "deterministic")
   num_steps = None if cell.method.startswith("student") else cell.steps
   x = sample.generate(loaded, sampler=sampler, num_steps=num_steps, labels=labels,
                       w=np.full(n, cell.w), seed=cell.seed, batch_size=config.eval.batch_size)
@@ -118,7 +123,7 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
     if path.exists():
       tracker.skip(cell.key)
       continue
-    kind = "teacher" if cell.method in ("teacher", "ddim") else "student"
+    kind = "teacher" if cell.method in ("teacher", "ddim", "dpm_solver") else "student"
     model_key = (kind, None if kind == "teacher" else cell.steps)
     if model_key not in loaded:
       loaded.clear()  # one model in memory at a time

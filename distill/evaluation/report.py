@@ -24,7 +24,8 @@ from etils import epath
 from distill import files, manifest
 
 LABELS = {"teacher": "Teacher, guided DDIM", "ddim": "DDIM (teacher)",
-          "student": "Distilled, deterministic", "student_stochastic": "Distilled, stochastic"}
+          "dpm_solver": "DPM-Solver++ 2M (teacher)", "student": "Distilled, deterministic",
+          "student_stochastic": "Distilled, stochastic"}
 
 
 def git_revision() -> str:
@@ -128,7 +129,7 @@ def _figures(out, agg, w_values, floor) -> None:
 
   fig, axes = plt.subplots(1, len(w_values), figsize=(4 * len(w_values), 3.4), squeeze=False)
   for ax, w in zip(axes[0], w_values):
-    for method in ("ddim", "student", "student_stochastic"):
+    for method in ("ddim", "dpm_solver", "student", "student_stochastic"):
       pts = sorted((a["nfe"], a["fid"]) for (m, _, ww), a in agg.items() if m == method and ww == w)
       if pts:
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
@@ -149,8 +150,8 @@ def _figures(out, agg, w_values, floor) -> None:
   fig, ax = plt.subplots(figsize=(5, 4))
   for (m, s) in _rows(agg):
     pts = [(agg[(m, s, w)]["is"][0], agg[(m, s, w)]["fid"][0]) for w in w_values]
-    if m == "ddim" and s != max(ss for mm, ss in _rows(agg) if mm == "ddim"):
-      continue  # the baseline's best budget only, to keep the figure readable
+    if m in ("ddim", "dpm_solver") and s != max(ss for mm, ss in _rows(agg) if mm == m):
+      continue  # a baseline's best budget only, to keep the figure readable
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{LABELS[m]}, {s} steps")
   ax.set_xlabel("IS (classifier)")
   ax.set_ylabel("FID")
