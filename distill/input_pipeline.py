@@ -13,6 +13,8 @@ restarted run resumes at exactly the right position with no iterator state to sa
   ``.tar`` shards or a tfds data set with an image and a text feature (``data.tfds_name``,
   ``distill/image_text.py``), for text-conditioned latent teachers; batches
   hold ``caption`` strings instead of labels.
+* ``emoji``: the embedded text-to-image data, Twemoji with their English names as captions
+  (``distill/emoji_data.py``).
 
 Each host reads only its own rows of every global batch, so the batches of a run are the same
 for any number of hosts.
@@ -45,7 +47,13 @@ TFDS_DATASETS = {
     "cifar10": TfdsSpec("cifar10", "train", "test", 32, 3, 10),
     "imagenet64": TfdsSpec("imagenet_resized/64x64", "train", "validation", 64, 3, 1000),
 }
-DATASETS = ("digits",) + tuple(TFDS_DATASETS) + ("image_text",)
+CAPTIONED = ("image_text", "emoji")  # batches hold captions, not labels
+DATASETS = ("digits",) + tuple(TFDS_DATASETS) + CAPTIONED
+
+
+def captioned(data_config) -> bool:
+  """Whether the data come as image–caption pairs (no labels)."""
+  return data_config.name in CAPTIONED
 
 
 def digits_arrays(split: str = "train"):
@@ -123,12 +131,16 @@ def tfds_source(data_config, split: str):
 
 def source(data_config, split: str = "train"):
   """Random-access source of ``{"image": float32 [H, W, C] in [−1, 1], "label": int32}`` (or
-  ``"caption": str`` instead of the label for ``image_text``, ``distill/image_text.py``)."""
+  ``"caption": str`` instead of the label for captioned data: ``distill/image_text.py``,
+  ``distill/emoji_data.py``)."""
   if data_config.name == "digits":
     return _ArraySource(*digits_arrays(split))
   if data_config.name == "image_text":
     from distill import image_text  # pylint: disable=import-outside-toplevel
     return image_text.source(data_config, split)
+  if data_config.name == "emoji":
+    from distill import emoji_data  # pylint: disable=import-outside-toplevel
+    return emoji_data.EmojiSource(data_config.image_size, split)
   if data_config.name in TFDS_DATASETS:
     return tfds_source(data_config, split)
   raise ValueError(f"data.name={data_config.name!r} is unknown: use one of {list(DATASETS)}.")

@@ -80,7 +80,7 @@ def build(config, workdir, fam) -> epath.Path:
   num_shards = -(-n // SHARD_SIZE)
   flip = bool(config.data.get("random_flip", False))
   fields = ["latents"] + (["latents_flipped"] if flip else []) + (
-      ["contexts"] if config.data.name == "image_text" else ["labels"])
+      ["contexts"] if input_pipeline.captioned(config.data) else ["labels"])
   root.mkdir(parents=True, exist_ok=True)
   start = time.time()
   mine = range(jax.process_index(), num_shards, jax.process_count())
