@@ -3,7 +3,8 @@
 Safetensors only: a pickled checkpoint (``.bin``, ``.ckpt``, ``.pt``) is never unpickled here.
 A file key ``a.b.0.c.weight`` names the Flax leaf whose module path, joined with ``_``, is
 ``a_b_0_c`` (our modules are named after diffusers'/transformers' paths) and whose parameter is
-``kernel``, ``scale`` or ``embedding`` (``bias`` for ``bias``). Layout rules (PyTorch → Flax):
+``kernel``, ``scale`` or ``embedding`` (``bias`` for ``bias``); a bare tensor ``a.b.name`` (CLIP's
+``class_embedding``, ``logit_scale``) the Flax leaf ``name`` of module ``a_b``. Layout rules (PyTorch → Flax):
 Conv2d ``(O, I, kH, kW)`` → ``(kH, kW, I, O)``; Linear ``(out, in)`` → ``(in, out)``; a 1×1 conv
 weight loads into a Linear (old VAE attention); norms and embeddings as they are. Every Flax leaf
 must be filled and every file tensor used (``IGNORED`` lists the deliberate exceptions); any
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from distill import files as distill_files
 
 # Buffers some files carry that are not parameters.
-IGNORED = ("text_model.embeddings.position_ids",)
+IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 # Pre-0.14 diffusers attention names (SD 1.x VAE files) → current names.
 _OLD_ATTENTION = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _OLD_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -90,7 +91,7 @@ def _canonical_flax(params) -> dict[tuple[str, str], tuple]:
   out = {}
   for path in traverse_util.flatten_dict(params):
     leaf = path[-1]
-    torch_name = "bias" if leaf == "bias" else "weight"
+    torch_name = ("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
     key = ("_".join(path[:-1]), torch_name)
     if key in out:
       raise WeightsError(f"ambiguous parameter names {out[key]} and {path}")
