@@ -29,6 +29,7 @@ def get_config(arg=None):
   config = common.latent_base_config(pretrained="", conditioning="text")
   config.data.name = "image_text"
   config.data.data_dir = ""  # shards or a captions.jsonl folder: --config.data.data_dir=...
+  config.data.held_out = 0  # local files: the first held_out pairs are the held-out split
   # Or a prepared tfds data set with an "image" and a text feature (its tfds data_dir in
   # data.data_dir), e.g. --config.data.tfds_name=coco_captions; the first caption of a sequence.
   config.data.tfds_name = ""
@@ -41,6 +42,13 @@ def get_config(arg=None):
   config.data.random_flip = True
 
   common.paper_latent_distillation(config, w_min=2.0, w_max=14.0, sample_w=(2.0, 8.0))
+  # The paper's evaluation (add eval to --config.stages): w = 8, 5000 samples of the 5000 COCO-2017
+  # validation captions (--config.eval.captions_file=FILE, one per line), FID on the FID
+  # Inception (--config.eval.inception_weights) and the CLIP score with OpenCLIP ViT-g/14
+  # (--config.eval.clip_model=FOLDER). More w (e.g. --config.eval.w_values=2,4,8,14) trace the
+  # FID / CLIP score trade-off of the paper's Fig. 10.
+  config.eval.w_values = (8.0,)
+  config.eval.num_samples = 5000
   if args.get("runlocal"):
     common.shrink_latent_for_cpu(
         config, pretrained=str(REPO / "tests" / "fixtures" / "latent" / "tiny-sd"))

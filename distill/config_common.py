@@ -103,7 +103,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.dpm_solver_steps = (2, 4, 8, 16, 32)  # at 1-2 steps the solver is DDIM
   config.eval.student_steps = (1, 2, 4, 8, 16)
   config.eval.samplers = ("deterministic", "stochastic")
-  config.eval.features = "digits"  # the project's digits classifier (digits-FID), or "inception"
+  # The project's digits classifier (digits-FID), "inception", or "clip" (eval.clip_model's image
+  # embeddings).
+  config.eval.features = "digits"
+  # A CLIP folder (transformers or OpenCLIP layout, docs/evaluation.md): the CLIP score of
+  # caption data's samples, and the features of eval.features="clip".
+  config.eval.clip_model = ""
+  # Caption data: the prompts of every cell, one per line (e.g. the COCO-2017 protocol's 5000
+  # validation captions); empty: the held-out split's captions.
+  config.eval.captions_file = ""
   config.eval.inception_weights = ""  # converted FID Inception-v3 file (docs/evaluation.md)
   config.eval.reference_samples = 50_000  # real images for the reference statistics (per split)
   config.eval.classifier_seed = 0
@@ -204,8 +212,10 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
 
   ``conditioning``: ``"class"`` (a class embedder; the null class is its last row) or
   ``"text"`` (the text encoder's context of ``latent.prompt_template`` per class name for
-  labelled data; the null condition is the empty prompt). The pixel ``model`` section and the
-  eval stage do not apply (sample with ``python -m distill.sample``).
+  labelled data; the null condition is the empty prompt). The pixel ``model`` section does not
+  apply. The eval stage is not in ``stages`` by default: it needs the FID Inception weights
+  (``eval.inception_weights``) or a CLIP (``eval.features = "clip"``, ``eval.clip_model``), and a
+  CLIP for the CLIP score of caption data (docs/evaluation.md).
   """
   config = base_config()
   del config["model"]
@@ -239,7 +249,9 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
   for section in (config.stage_one, config.stage_two):
     section.sample_every = 0
     section.checkpoint_every = 1000
-  del config["eval"]
+  config.eval.features = "inception"
+  config.eval.seeds = (0,)
+  config.eval.classifier_steps = 0  # (the digits classifier: pixel space only)
   return config
 
 

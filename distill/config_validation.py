@@ -125,7 +125,7 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
 
 
 def check_latent(config, stages) -> None:
-  """The latent family: an imported teacher folder, no dropout, no eval stage (yet)."""
+  """The latent family: an imported teacher folder, no dropout, eval on Inception or CLIP."""
   from distill.latent import family as latent_family  # pylint: disable=import-outside-toplevel
   if config.teacher.checkpoint:
     raise ValueError("teacher.checkpoint is a distill checkpoint of a pixel teacher; a latent "
@@ -155,10 +155,9 @@ def check_latent(config, stages) -> None:
     if name in config and config[name].get("dropout", 0.0):
       raise ValueError(f"{name}.dropout={config[name].dropout}: the latent U-Net has no dropout; "
                        "set it to 0.")
-  if "eval" in stages:
-    raise ValueError("the eval stage measures pixel-space families only: drop eval from "
-                     "--config.stages and sample the latent students with python -m distill.sample "
-                     "(docs/latent.md).")
+  if "eval" in stages and config.eval.features == "digits":
+    raise ValueError("eval.features='digits' measures digits in pixel space: a latent family's "
+                     "samples take eval.features='inception' or 'clip'.")
 
 
 def check_eval(config) -> None:
@@ -166,6 +165,15 @@ def check_eval(config) -> None:
   e = config.eval
   if e.features not in features.FEATURES:
     raise ValueError(f"eval.features={e.features!r} is not one of {list(features.FEATURES)}.")
+  for field in ("clip_model", "captions_file"):
+    if e.get(field) and not epath.Path(e[field]).exists():
+      raise ValueError(f"eval.{field}={e[field]!r} does not exist.")
+  if e.features == "clip" and not e.get("clip_model"):
+    raise ValueError("eval.features='clip' needs --config.eval.clip_model=FOLDER (a CLIP folder, "
+                     "docs/evaluation.md).")
+  if input_pipeline.captioned(config.data) and not e.get("clip_model"):
+    raise ValueError(f"the eval stage on caption data ({config.data.name}) reports CLIP scores: "
+                     "pass --config.eval.clip_model=FOLDER (a CLIP folder, docs/evaluation.md).")
   if e.features == "digits" and config.data.name != "digits":
     raise ValueError(f"eval.features='digits' needs data.name='digits' (got "
                      f"{config.data.name!r}): use eval.features='inception'.")
@@ -180,7 +188,8 @@ def check_eval(config) -> None:
          if not isinstance(s, int) or s < 1]
   if bad or set(e.samplers) - {"deterministic", "stochastic"}:
     raise ValueError(f"eval.teacher_steps/ddim_steps/dpm_solver_steps {bad} must be integers "
-                     f">= 1 and eval.samplers={tuple(e.samplers)} a subset of (deterministic, stochastic).")
+                     f">= 1 and eval.samplers={tuple(e.samplers)} a subset of (deterministic, "
+                     "stochastic).")
 
 
 def check_halvings(two) -> None:

@@ -15,7 +15,8 @@ from etils import epath
 
 # Config fields that name a file or directory: (section, field). Absent fields are skipped.
 CONFIG_PATH_FIELDS = (("teacher", "checkpoint"), ("teacher", "pretrained"),
-                      ("eval", "inception_weights"),
+                      ("eval", "inception_weights"), ("eval", "clip_model"),
+                      ("eval", "captions_file"),
                       ("data", "data_dir"), (None, "pretrained"))
 
 

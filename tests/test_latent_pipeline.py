@@ -4,10 +4,12 @@ On the tiny class-conditional fixture (cin256-like): a run killed with SIGKILL i
 from another directory with relative paths, then finished by the same command, ends with
 teacher_v's and stage one's parameters bit-identical to an uninterrupted run; a rerun trains nothing; a
 changed config is refused; ``distill.sample --labels`` decodes images. On the tiny SD-like
-fixture (text), on image–caption data: the chain runs and ``distill.sample --prompt`` decodes
-images of prompts.
+fixture (text), on image–caption data: the chain runs, ``distill.sample --prompt`` decodes
+images of prompts, and the eval stage reports FID and CLIP score (the tiny CLIP fixture) on the
+held-out captions.
 """
 
+import csv
 import json
 import logging
 import os
@@ -153,11 +155,11 @@ def test_sd_chain_on_captions_and_prompts_to_images(tmp_path):
     (cwd / "pairs" / f"{i}.png").write_bytes(_png(_image(i)))
     lines.append(json.dumps({"file": f"{i}.png", "caption": caption}))
   (cwd / "pairs" / "captions.jsonl").write_text("\n".join(lines))
-  run = _cli(cwd, "sd15", "runs/sd", extra=(
-      "--config.data.name=image_text", "--config.data.data_dir=pairs",
-      "--config.data.num_classes=0", "--config.data.image_size=16", "--config.data.channels=3",
-      "--config.teacher_v.batch_size=4", "--config.stage_one.batch_size=4",
-      "--config.stage_two.batch_size=4"))
+  data = dict(name="image_text", data_dir="pairs", num_classes=0, image_size=16, channels=3,
+              held_out=2)
+  batch = {f"{name}.batch_size": 4 for name in ("teacher_v", "stage_one", "stage_two")}
+  run = _cli(cwd, "sd15", "runs/sd", extra=[f"--config.data.{k}={v}" for k, v in data.items()]
+             + [f"--config.{k}={v}" for k, v in batch.items()])
   assert run.returncode == 0, run.stderr[-3000:]
   assert re.search(r"stage_two/N=1 step 4/4", run.stderr)
   grid = np.asarray(Image.open(cwd / "runs" / "sd" / "teacher_v" / "samples" /
@@ -184,3 +186,31 @@ def test_sd_chain_on_captions_and_prompts_to_images(tmp_path):
     sample._main([f"--workdir={cwd / 'runs' / 'sd'}", "--model=student", "--num_steps=1",  # pylint: disable=protected-access
                   f"--out={tmp_path / 'refused'}",
                   f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
+
+  # The eval stage on the finished chain, in this process: FID on the tiny CLIP's image
+  # features and the CLIP score of each sample with its held-out caption.
+  config = _config("sd15")
+  config.data.update(dict(data, data_dir=str(cwd / "pairs")))
+  for key, value in batch.items():
+    config[key.split(".")[0]].batch_size = value
+  config.stages = "eval"
+  with pytest.raises(ValueError, match="pass --config.eval.clip_model=FOLDER"):
+    pipeline.run(config, cwd / "runs" / "sd")
+  config.eval.update(dict(
+      features="clip", clip_model=str(REPO / "tests" / "fixtures" / "latent" / "clip-tiny"),
+      w_values=(4.0,), seeds=(0,), num_samples=10, teacher_steps=1, ddim_steps=(1,),
+      dpm_solver_steps=(3,), student_steps=(1,), samplers=("deterministic",), batch_size=10,
+      reference_samples=4, pr_samples=4))
+  pipeline.run(config, cwd / "runs" / "sd")
+  report = cwd / "runs" / "sd" / "report"
+  with open(report / "table.csv") as f:
+    rows = {(r["method"], r["steps"]): r for r in csv.DictReader(f)}
+  assert set(rows) == {("teacher", "1"), ("ddim", "1"), ("dpm_solver", "3"), ("student", "1")}
+  # 100·max(cos, 0) of random-weight embeddings: finite, in [0, 100].
+  for r in rows.values():
+    assert 0.0 <= float(r["clip_score_mean"]) <= 100.0 and float(r["fid_mean"]) > 0, r
+  cell = json.loads((report / "cells" / "student_steps1_w4_seed0.json").read_text())
+  assert cell["is"] is None and cell["class_accuracy"] is None  # CLIP features: no classes
+  table = (report / "table.md").read_text()
+  assert "FID / CLIP score" in table and "clip-tiny" in table
+  assert (report / "fid_clip_tradeoff.png").is_file()

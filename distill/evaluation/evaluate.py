@@ -12,11 +12,14 @@ Methods (paper Table 1, Fig. 2 and 6):
   were trained), deterministic sampler (N evaluations);
 * ``student_stochastic``: the same student with the stochastic sampler (2N evaluations).
 
-Every cell draws ``eval.num_samples`` class-balanced samples per seed and writes its metrics to
-``report/cells/<cell>.json`` (atomically): a rerun computes only the missing cells. Metrics: FID
-against the training split's features, Inception Score (or its digits analogue), class accuracy
-(the share classified as the conditioning label; digits only), improved precision and recall.
-The real-vs-real floor is the held-out split's FID against the training split.
+Every cell draws ``eval.num_samples`` samples per seed, class-balanced (or, for caption data,
+of the prompts of ``eval.captions_file`` or else of the held-out captions, in turn), and writes
+its metrics to ``report/cells/<cell>.json`` (atomically): a rerun computes only the missing
+cells. Metrics: FID against the training split's features, Inception Score (or its digits
+analogue; not with CLIP features), class accuracy (the share classified as the conditioning
+label; digits only), improved precision and recall, and for caption data the CLIP score of
+each sample with its prompt (``evaluation/clip_score.py``). The real-vs-real floor is the
+held-out split's FID against the training split. Latent families' samples are decoded first.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import time
 import numpy as np
 from etils import epath
 
-from distill import files, images, layout, paths, progress, sample
-from distill.evaluation import features, metrics, report
+from distill import files, images, input_pipeline, layout, paths, progress, sample
+from distill.evaluation import clip_score, features, metrics, report
+from distill.latent import clip_loader
 
 METHODS = ("teacher", "ddim", "dpm_solver", "student", "student_stochastic")
 
@@ -72,34 +76,58 @@ def plan(config, workdir=None, *, trained=None) -> list[Cell]:
           for seed in cfg.seeds]
 
 
-def _generate(loaded, cell: Cell, config) -> tuple[np.ndarray, np.ndarray]:
+def eval_prompts(config) -> list[str]:
+  """The prompts of caption data's cells: ``eval.captions_file`` (one per line), else the
+  held-out split's captions; repeated in turn up to ``eval.num_samples``."""
+  e = config.eval
+  if e.get("captions_file"):
+    path = epath.Path(e.captions_file)
+    captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    where = f"eval.captions_file={e.captions_file}"
+  else:
+    source = input_pipeline.source(config.data, "held_out")
+    captions = [source[i]["caption"] for i in range(min(len(source), int(e.num_samples)))]
+    where = f"the held-out split of data.name={config.data.name!r}"
+  if not captions:
+    raise ValueError(f"{where} holds no caption: the eval stage needs prompts.")
+  return [captions[i % len(captions)] for i in range(int(e.num_samples))]
+
+
+def _generate(loaded, cell: Cell, config, prompts=None) -> tuple[np.ndarray, np.ndarray | None]:
   n = int(config.eval.num_samples)
-  labels = np.arange(n) % config.data.num_classes
+  labels = None if prompts is not None else np.arange(n) % config.data.num_classes
   sampler = {"student_stochastic": "stochastic",
              "dpm_solver": "dpm_solver"}.get(cell.method, "deterministic")
   num_steps = None if cell.method.startswith("student") else cell.steps
   x = sample.generate(loaded, sampler=sampler, num_steps=num_steps, labels=labels,
-                      w=np.full(n, cell.w), seed=cell.seed, batch_size=config.eval.batch_size)
+                      prompts=prompts, w=np.full(n, cell.w), seed=cell.seed,
+                      batch_size=config.eval.batch_size)
   return x, labels
 
 
 def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
-                 class_accuracy: bool = True) -> dict:
+                 class_accuracy: bool = True, clip=None, prompts=None) -> dict:
+  """The metrics of one cell's samples ``x``; ``clip`` and ``prompts`` add the CLIP score."""
   feats, probs = [], []
   for i in range(0, len(x), 1000):
     f, p = extract(x[i:i + 1000])
     feats.append(f)
     probs.append(p)
-  feats, probs = np.concatenate(feats), np.concatenate(probs)
+  feats = np.concatenate(feats)
+  probs = None if probs[0] is None else np.concatenate(probs)
   stats = metrics.FeatureStats(feats.shape[1])
   stats.update(feats)
   mu, sigma, _ = ref_stats
-  is_mean, _ = metrics.inception_score(probs, num_splits=min(10, len(probs)))
+  is_mean = (None if probs is None else
+             metrics.inception_score(probs, num_splits=min(10, len(probs)))[0])
   precision, recall = metrics.precision_recall(real_feats[:pr_samples], feats[:pr_samples])
-  accuracy = float(np.mean(np.argmax(probs, axis=1) == labels)) if class_accuracy else None
+  accuracy = (float(np.mean(np.argmax(probs, axis=1) == labels))
+              if class_accuracy and probs is not None else None)
+  score = (clip_score.clip_score(clip, x, prompts) if clip is not None and prompts is not None
+           else None)
   return {"fid": metrics.frechet_distance(stats.mean, stats.cov, mu, sigma), "is": is_mean,
-          "class_accuracy": accuracy, "precision": precision, "recall": recall,
-          "num_samples": int(len(x))}
+          "class_accuracy": accuracy, "clip_score": score, "precision": precision,
+          "recall": recall, "num_samples": int(len(x))}
 
 
 def run(config, workdir, *, mesh=None) -> epath.Path:
@@ -115,6 +143,9 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
   held_out = features.real_stats(config, extract, "held_out", out)
   floor = {"fid": metrics.frechet_distance(held_out[0], held_out[1], ref_stats[0], ref_stats[1]),
            "num_samples": held_out[2]}
+  captioned = input_pipeline.captioned(config.data)
+  prompts = eval_prompts(config) if captioned else None
+  clip = clip_loader.load(config.eval.clip_model) if config.eval.get("clip_model") else None
   cells = plan(config, workdir)
   tracker = progress.EvalProgress(cells, int(config.eval.num_samples))
   loaded = {}
@@ -130,13 +161,14 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
       loaded[model_key] = sample.load_model(workdir, kind, num_steps=model_key[1],
                                             config=config, mesh=mesh)
     t0 = time.time()
-    x, labels = _generate(loaded[model_key], cell, config)
+    x, labels = _generate(loaded[model_key], cell, config, prompts)
     result = cell_metrics(extract, x, labels, ref_stats, real_train,
                           pr_samples=int(config.eval.pr_samples),
-                          class_accuracy=info["class_accuracy"])
+                          class_accuracy=info["class_accuracy"], clip=clip, prompts=prompts)
     result.update(dataclasses.asdict(cell), nfe=cell.nfe, seconds=round(time.time() - t0, 1))
-    logging.info("eval %s: FID %.3f, IS %.2f, class accuracy %s (%.0f s; %s)", cell.key,
-                 result["fid"], result["is"], result["class_accuracy"], result["seconds"],
+    logging.info("eval %s: FID %.3f, IS %s, class accuracy %s, CLIP score %s (%.0f s; %s)",
+                 cell.key, result["fid"], result["is"], result["class_accuracy"],
+                 result["clip_score"], result["seconds"],
                  tracker.done(cell.key, result["seconds"]))
     if cell.seed == config.eval.seeds[0]:
       grid = images.grid(x[:100], rows=10) if len(x) >= 100 else images.grid(x, rows=1)
@@ -144,6 +176,8 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
                       scale=4)
     files.write_atomic(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
   results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
+  if clip is not None:
+    info = dict(info, clip_model=str(config.eval.clip_model))
   report.write(out, results, config=config, floor=floor, extractor=info)
   return out
 

@@ -6,7 +6,9 @@ An extractor maps images in [−1, 1] to ``(features [N, D], class probabilities
   set's own classes, so they also give the class accuracy of samples);
 * ``inception``: the FID Inception-v3 with weights from ``eval.inception_weights``
   (``evaluation/inception.py``); its 1008 classes are not the data set's labels, so there is no
-  class accuracy.
+  class accuracy;
+* ``clip``: the image embeddings of the CLIP in ``eval.clip_model`` (``evaluation/clip_score.py``);
+  no class probabilities, so neither Inception Score nor class accuracy.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import numpy as np
 from etils import epath
 
 from distill import input_pipeline
-from distill.evaluation import digits_classifier, inception
+from distill.latent import clip_loader
+from distill.evaluation import clip_score, digits_classifier, inception
 from distill.evaluation.metrics import FeatureStats
 
-Extractor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-FEATURES = ("digits", "inception")
+Extractor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+FEATURES = ("digits", "inception", "clip")
 
 
 def make_extractor(config, workdir) -> tuple[Extractor, dict]:
@@ -40,6 +43,12 @@ def make_extractor(config, workdir) -> tuple[Extractor, dict]:
                                        batch_size=config.eval.batch_size)
     return extract, {"features": f"FID Inception-v3 pool3 (2048-d), weights "
                                  f"{config.eval.inception_weights}", "class_accuracy": False}
+  if name == "clip":
+    model = clip_loader.load(config.eval.clip_model)
+    extract = lambda x: (clip_score.image_embeddings(model, x,
+                                                     batch_size=config.eval.batch_size), None)
+    return extract, {"features": f"CLIP image embeddings ({model.vision.projection_dim}-d) of "
+                                 f"{config.eval.clip_model}", "class_accuracy": False}
   raise ValueError(f"eval.features={name!r} is not one of {list(FEATURES)}.")
 
 
@@ -60,8 +69,10 @@ def real_stats(config, extract: Extractor, split: str, directory) -> tuple:
   """Mean, covariance and count of a split's features (up to ``eval.reference_samples``
   images), cached as ``.npz`` in ``directory``."""
   limit = int(config.eval.reference_samples)
-  path = epath.Path(directory) / (f"stats_{config.data.name}_{split}_{config.eval.features}"
-                                  f"_{limit}.npz")
+  name = config.eval.features
+  if name == "clip":
+    name += "-" + epath.Path(config.eval.clip_model).name
+  path = epath.Path(directory) / f"stats_{config.data.name}_{split}_{name}_{limit}.npz"
   if not path.exists():
     stats = None
     for x in real_images(config, split, limit):

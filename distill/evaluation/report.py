@@ -1,10 +1,12 @@
 """``report/``: the Table-1-style table (Markdown and CSV) and the figures, from cell results.
 
 * ``table.md`` / ``table.csv``: a row per (method, steps), for every w: FID (mean ± std over
-  seeds), IS, class accuracy; precision and recall in the CSV;
+  seeds), IS, class accuracy — or, for caption data, FID and CLIP score; precision and recall in
+  the CSV;
 * ``fid_vs_nfe.png``: FID against network evaluations, one curve per method, a panel per w
   (paper Fig. 2/4 style), with the teacher's reference and the real-vs-real floor;
-* ``fid_is_tradeoff.png``: FID against IS as w varies (paper Fig. 6 style).
+* ``fid_is_tradeoff.png``: FID against IS as w varies (paper Fig. 6 style), or
+  ``fid_clip_tradeoff.png``: FID against CLIP score as w varies (paper Fig. 10 style).
 
 The header of ``table.md`` states the command, config hash and git revision that produced it.
 """
@@ -28,6 +30,9 @@ LABELS = {"teacher": "Teacher, guided DDIM", "ddim": "DDIM (teacher)",
           "student_stochastic": "Distilled, stochastic"}
 
 
+METRICS = ("fid", "is", "class_accuracy", "clip_score", "precision", "recall")
+
+
 def git_revision() -> str:
   try:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -44,9 +49,9 @@ def aggregate(results: list[dict]) -> dict:
     groups[(r["method"], r["steps"], r["w"])].append(r)
   out = {}
   for key, rs in groups.items():
-    out[key] = {m: (float(np.mean([_num(r[m]) for r in rs])),
-                    float(np.std([_num(r[m]) for r in rs])))
-                for m in ("fid", "is", "class_accuracy", "precision", "recall")}
+    out[key] = {m: (float(np.mean([_num(r.get(m)) for r in rs])),
+                    float(np.std([_num(r.get(m)) for r in rs])))
+                for m in METRICS}
     out[key]["nfe"] = rs[0]["nfe"]
     out[key]["seeds"] = len(rs)
   return out
@@ -54,6 +59,10 @@ def aggregate(results: list[dict]) -> dict:
 
 def _num(value) -> float:
   return float("nan") if value is None else float(value)
+
+
+def _has(agg, metric: str) -> bool:
+  return any(not np.isnan(a[metric][0]) for a in agg.values())
 
 
 def _percent(value: float) -> str:
@@ -74,27 +83,32 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
   buffer = io.StringIO()
   writer = csv.writer(buffer)
   writer.writerow(["method", "steps", "nfe", "w", "seeds", "fid_mean", "fid_std", "is_mean",
-                   "is_std", "class_accuracy_mean", "class_accuracy_std", "precision_mean",
-                   "recall_mean"])
+                   "is_std", "class_accuracy_mean", "class_accuracy_std", "clip_score_mean",
+                   "clip_score_std", "precision_mean", "recall_mean"])
   for m, s in rows:
     for w in w_values:
       a = agg[(m, s, w)]
       writer.writerow([m, s, a["nfe"], w, a["seeds"], f"{a['fid'][0]:.4f}", f"{a['fid'][1]:.4f}",
                        f"{a['is'][0]:.4f}", f"{a['is'][1]:.4f}", f"{a['class_accuracy'][0]:.4f}",
-                       f"{a['class_accuracy'][1]:.4f}", f"{a['precision'][0]:.4f}",
+                       f"{a['class_accuracy'][1]:.4f}", f"{a['clip_score'][0]:.4f}",
+                       f"{a['clip_score'][1]:.4f}", f"{a['precision'][0]:.4f}",
                        f"{a['recall'][0]:.4f}"])
   files.write_atomic(out / "table.csv", buffer.getvalue())
 
   seeds = len(config.eval.seeds)
+  clip = _has(agg, "clip_score")
+  shown = "FID / CLIP score" if clip else "FID / IS / class accuracy"
   lines = [
-      "# Guided distillation: FID / IS / class accuracy",
+      f"# Guided distillation: {shown}",
       "",
       f"- command: `{' '.join(sys.argv)}`",
       f"- config hash {manifest.config_hash(config)}, data `{config.data.name}`, git revision "
       f"{git_revision()}",
       f"- features: {extractor['features']}"
       + (f"; classifier held-out accuracy {extractor['classifier_held_out_accuracy']:.4f}"
-         if "classifier_held_out_accuracy" in extractor else ""),
+         if "classifier_held_out_accuracy" in extractor else "")
+      + (f"; CLIP score (100·max(cos, 0), averaged) with {extractor['clip_model']}"
+         if "clip_model" in extractor else ""),
       f"- {config.eval.num_samples} samples per cell and seed, "
       + (f"{seeds} seeds (mean ± std)" if seeds > 1 else
          "1 seed (no spread: --config.eval.seeds=0,1,2 gives mean ± std over 3)")
@@ -110,12 +124,15 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
     for w in w_values:
       a = agg[(m, s, w)]
       spread = f" ± {a['fid'][1]:.3f}" if seeds > 1 else ""
-      cells.append(f"{a['fid'][0]:.3f}{spread} / {a['is'][0]:.2f} / "
-                   f"{_percent(a['class_accuracy'][0])}")
+      if clip:
+        cells.append(f"{a['fid'][0]:.3f}{spread} / {a['clip_score'][0]:.2f}")
+      else:
+        cells.append(f"{a['fid'][0]:.3f}{spread} / {a['is'][0]:.2f} / "
+                     f"{_percent(a['class_accuracy'][0])}")
     lines.append(f"| {LABELS[m]} | {s} | {agg[(m, s, w_values[0])]['nfe']} | "
                  + " | ".join(cells) + " |")
   lines += ["", "Each cell: FID" + (" (mean ± std over seeds)" if seeds > 1 else "")
-            + " / IS / class accuracy.", ""]
+            + (" / CLIP score." if clip else " / IS / class accuracy."), ""]
   files.write_atomic(out / "table.md", "\n".join(lines))
   files.write_atomic(out / "report.json", json.dumps(
       {"floor": floor, "extractor": extractor, "cells": results}, indent=1, sort_keys=True))
@@ -147,19 +164,20 @@ def _figures(out, agg, w_values, floor) -> None:
   fig.tight_layout()
   _save(fig, out / "fid_vs_nfe.png")
 
+  other = "clip_score" if _has(agg, "clip_score") else "is"
   fig, ax = plt.subplots(figsize=(5, 4))
   for (m, s) in _rows(agg):
-    pts = [(agg[(m, s, w)]["is"][0], agg[(m, s, w)]["fid"][0]) for w in w_values]
+    pts = [(agg[(m, s, w)][other][0], agg[(m, s, w)]["fid"][0]) for w in w_values]
     if m in ("ddim", "dpm_solver") and s != max(ss for mm, ss in _rows(agg) if mm == m):
       continue  # a baseline's best budget only, to keep the figure readable
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{LABELS[m]}, {s} steps")
-  ax.set_xlabel("IS (classifier)")
+  ax.set_xlabel("CLIP score" if other == "clip_score" else "IS (classifier)")
   ax.set_ylabel("FID")
   ax.set_yscale("log")
-  ax.set_title("FID / IS trade-off as w varies")
+  ax.set_title(f"FID / {'CLIP score' if other == 'clip_score' else 'IS'} trade-off as w varies")
   ax.legend(fontsize=6)
   fig.tight_layout()
-  _save(fig, out / "fid_is_tradeoff.png")
+  _save(fig, out / ("fid_clip_tradeoff.png" if other == "clip_score" else "fid_is_tradeoff.png"))
   plt.close("all")
 
 
