@@ -15,7 +15,8 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # instead of its MLIR fusion emitters: a tiny U-Net's train step compiles in 4.0 s instead of 6.0 s
 # (docs/testing.md). Results are the same programs' results, to float32 rounding.
 for _option, _value in (("--xla_backend_optimization_level", "0"),
-                        ("--xla_cpu_use_fusion_emitters", "false")):
+                        ("--xla_cpu_use_fusion_emitters", "false"),
+                        ("--xla_cpu_parallel_codegen_split_count", "1")):
   if _option not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += f" {_option}={_value}"
 import distill  # noqa: E402,F401  (puts its XLA:CPU options into XLA_FLAGS before JAX starts)
