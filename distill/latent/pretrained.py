@@ -246,7 +246,10 @@ def load_pretrained(path, *, dtype=jnp.float32, remat: bool = False,
     out.text_encoder, out.text_encoder_params = load_text_encoder(
         parts["text_encoder"], dtype=dtype, variant=variant, shapes_only=shapes_only)
   if "tokenizer" in parts:
-    out.tokenizer = tokenizer_lib.CLIPTokenizer(parts["tokenizer"])
+    # Prompts are padded to the text encoder's positions (77 in Stable Diffusion).
+    length = (out.text_encoder.config.max_position_embeddings if out.text_encoder is not None
+              else 77)
+    out.tokenizer = tokenizer_lib.CLIPTokenizer(parts["tokenizer"], length)
   if "scheduler" in parts:
     sched_cfg = _config(parts["scheduler"], "scheduler_config.json")
     out.schedule = schedule_lib.DiscreteSchedule.from_config(sched_cfg)

@@ -186,3 +186,56 @@ def export_like(params: Mapping[str, Any], files, *, what: str = "model",
                              f"{value.shape} in the file's layout, the file {shape}.")
         out[key] = value
   return out
+
+
+# The segments of diffusers' and transformers' parameter names that hold an underscore or that
+# follow one in our Flax module names (which join a PyTorch path with ``_``).
+_SEGMENTS = frozenset("""
+    down_blocks up_blocks mid_block resnets attentions transformer_blocks downsamplers upsamplers
+    conv conv1 conv2 conv_in conv_out conv_norm_out conv_shortcut norm norm1 norm2 norm3
+    time_emb_proj time_embedding linear_1 linear_2 cond_proj proj_in proj_out attn1 attn2 ff net
+    proj to_q to_k to_v to_out group_norm encoder decoder quant_conv post_quant_conv quantize
+    embedding text_model vision_model embeddings token_embedding position_embedding
+    patch_embedding class_embedding layers self_attn q_proj k_proj v_proj out_proj mlp fc1 fc2
+    layer_norm1 layer_norm2 final_layer_norm pre_layrnorm post_layernorm text_projection
+    visual_projection logit_scale
+""".split())
+_LONGEST = max(s.count("_") + 1 for s in _SEGMENTS)
+
+
+def torch_name(flax_path: tuple[str, ...]) -> str:
+  """A Flax leaf path → the PyTorch key it is loaded from (``load_into``'s naming, undone):
+  module names split into diffusers'/transformers' segments (``mid_block_attentions_0`` →
+  ``mid_block.attentions.0``), ``kernel``/``scale``/``embedding`` → ``weight``."""
+  *modules, leaf = flax_path
+  words = "_".join(modules).split("_") if modules else []
+  out, i = [], 0
+  while i < len(words):
+    if words[i].isdigit():
+      out.append(words[i])
+      i += 1
+      continue
+    for n in range(min(_LONGEST, len(words) - i), 0, -1):  # the longest known segment
+      candidate = "_".join(words[i:i + n])
+      if candidate in _SEGMENTS:
+        out.append(candidate)
+        i += n
+        break
+    else:
+      raise WeightsError(f"{'/'.join(flax_path)}: no known PyTorch name for "
+                         f"{'_'.join(words[i:])!r}.")
+  out.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
+  return ".".join(out)
+
+
+def torch_tensors(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """``params`` as float32 PyTorch-layout tensors under diffusers'/transformers' keys, for a
+  model trained here (``export_like`` rewrites a file that was read). Our modules are laid out
+  as PyTorch's (a 1×1 convolution there is one here), so the layout follows from the leaf."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    key = torch_name(path)
+    if key in out:
+      raise WeightsError(f"{key} comes from two parameters.")
+    out[key] = np.array(_to_torch(np.asarray(value), path[-1], ()), order="C")  # 0-d kept
+  return out
