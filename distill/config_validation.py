@@ -8,8 +8,8 @@ from distill import checkpoints, family, input_pipeline, layout, paths
 from distill.losses import TEACHER_WEIGHTINGS, W_WEIGHTINGS
 from distill.models.factory import check_model_config
 
-STAGES = ("teacher", "teacher_v", "stage_one", "stage_two", "eval")
-TRAINED = ("teacher", "teacher_v", "stage_one", "stage_two")
+STAGES = ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two", "eval")
+TRAINED = ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two")
 
 
 def stages_of(config) -> list[str]:
@@ -79,8 +79,14 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   if "teacher_v" in stages and not layout.has_teacher_v(config):
     raise ValueError("stages names teacher_v, but the config has no teacher_v section with "
                      "num_train_steps > 0: drop it from --config.stages.")
+  for name in ("autoencoder", "clip"):
+    if name in stages and not layout.trains_parts(config):
+      raise ValueError(f"stages names {name}, but the config trains no parts (no autoencoder "
+                       "section with num_train_steps > 0, as in configs/emoji.py): drop it from "
+                       "--config.stages.")
   for name in (s for s in stages if s in TRAINED):
-    if name == "teacher" and (config.teacher.checkpoint or latent):
+    if name == "teacher" and (config.teacher.checkpoint or latent) and \
+        not layout.trains_parts(config):
       continue  # read, not trained
     check_train_section(name, config[name], num_devices=num_devices,
                         process_count=process_count)
@@ -130,8 +136,12 @@ def check_latent(config, stages) -> None:
   if config.teacher.checkpoint:
     raise ValueError("teacher.checkpoint is a distill checkpoint of a pixel teacher; a latent "
                      "teacher is imported with --config.teacher.pretrained=FOLDER.")
-  latent_family.check_folder(config.teacher.get("pretrained"), config.latent.conditioning)
-  kind = latent_family.folder_prediction_type(config.teacher.pretrained)
+  if layout.trains_parts(config):
+    check_parts(config)
+    kind = "epsilon"
+  else:
+    latent_family.check_folder(config.teacher.get("pretrained"), config.latent.conditioning)
+    kind = latent_family.folder_prediction_type(config.teacher.pretrained)
   if kind != "v_prediction" and not layout.has_teacher_v(config):
     raise ValueError(f"teacher.pretrained={config.teacher.pretrained} predicts {kind!r}, and the "
                      "student predicts v, starting from its teacher: keep the ε→v fine-tuning "
@@ -160,6 +170,35 @@ def check_latent(config, stages) -> None:
                      "samples take eval.features='inception' or 'clip'.")
 
 
+def check_parts(config) -> None:
+  """A chain that trains its teacher's parts (``distill/latent/parts.py``)."""
+  from distill.latent import parts  # pylint: disable=import-outside-toplevel
+  if config.teacher.get("pretrained"):
+    raise ValueError("teacher.pretrained is set, but the config trains the teacher's parts "
+                     "(autoencoder.num_train_steps > 0): drop one of them.")
+  if not input_pipeline.captioned(config.data) or config.latent.conditioning != "text":
+    raise ValueError(f"the autoencoder and clip links train on image–caption data: data.name="
+                     f"{config.data.name!r} must hold captions and latent.conditioning be "
+                     "'text'.")
+  if config.teacher.get("weighting", "eps") not in TEACHER_WEIGHTINGS:
+    raise ValueError(f"teacher.weighting={config.teacher.weighting!r}: use one of "
+                     f"{list(TEACHER_WEIGHTINGS)}.")
+  size = int(config.data.image_size)
+  factor = 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
+  if size % factor or size % int(config.clip.vision.patch_size):
+    raise ValueError(f"data.image_size={size} must be a multiple of the autoencoder's "
+                     f"downsampling {factor} and of clip.vision.patch_size="
+                     f"{config.clip.vision.patch_size}.")
+  if config.autoencoder.kl_weight < 0:
+    raise ValueError(f"autoencoder.kl_weight={config.autoencoder.kl_weight} must be >= 0.")
+  try:
+    parts.unet_config(config)
+  except ValueError as e:
+    raise ValueError(f"latent.unet: {e}") from None
+  if not 1 <= int(config.clip.max_length) <= 77:
+    raise ValueError(f"clip.max_length={config.clip.max_length} must be in [1, 77].")
+
+
 def check_eval(config) -> None:
   from distill.evaluation import features  # pylint: disable=import-outside-toplevel
   e = config.eval
@@ -168,10 +207,11 @@ def check_eval(config) -> None:
   for field in ("clip_model", "captions_file"):
     if e.get(field) and not epath.Path(e[field]).exists():
       raise ValueError(f"eval.{field}={e[field]!r} does not exist.")
-  if e.features == "clip" and not e.get("clip_model"):
+  if e.features == "clip" and not e.get("clip_model") and not layout.trains_parts(config):
     raise ValueError("eval.features='clip' needs --config.eval.clip_model=FOLDER (a CLIP folder, "
                      "docs/evaluation.md).")
-  if input_pipeline.captioned(config.data) and not e.get("clip_model"):
+  if input_pipeline.captioned(config.data) and not e.get("clip_model") and \
+      not layout.trains_parts(config):  # else the chain's clip_eval
     raise ValueError(f"the eval stage on caption data ({config.data.name}) reports CLIP scores: "
                      "pass --config.eval.clip_model=FOLDER (a CLIP folder, docs/evaluation.md).")
   if e.features == "digits" and config.data.name != "digits":

@@ -46,20 +46,51 @@ def has_teacher_v(config) -> bool:
   return section is not None and int(section.get("num_train_steps", 0)) > 0
 
 
+def trains_parts(config) -> bool:
+  """Whether the chain trains its text-to-image teacher's parts first (an ``autoencoder``
+  section with ``num_train_steps > 0``; ``distill/latent/parts.py``)."""
+  section = config.get("autoencoder")
+  return section is not None and int(section.get("num_train_steps", 0)) > 0
+
+
+PART_STAGES = {"autoencoder": "autoencoder", "clip": "clip", "clip_eval": "clip"}
+
+
 def chain(config) -> list[Link]:
-  """teacher → [teacher_v] → stage_one → the halvings, in training order."""
-  names = ["teacher"] + (["teacher_v"] if has_teacher_v(config) else []) + ["stage_one"]
-  links = [Link(name, name, i) for i, name in enumerate(names)]
+  """[autoencoder → clip → clip_eval] → teacher → [teacher_v] → stage_one → the halvings, in
+  training order."""
+  names = list(PART_STAGES) if trains_parts(config) else []
+  names += ["teacher"] + (["teacher_v"] if has_teacher_v(config) else []) + ["stage_one"]
+  links = [Link(name, PART_STAGES.get(name, name), i) for i, name in enumerate(names)]
   links += [Link(f"stage_two/N={n}", "stage_two", len(names) + i, n)
             for i, n in enumerate(halvings(config))]
   return links
 
 
+def is_part(link: Link) -> bool:
+  return link.name in PART_STAGES
+
+
+def fill_trained_parts(config, workdir):
+  """``config`` with the folders the chain trains filled in (a chain with ``trains_parts``):
+  ``teacher.pretrained`` is ``workdir/parts`` and an empty ``eval.clip_model`` the evaluator
+  CLIP ``workdir/clip_eval/model``. Other configs are returned as they are."""
+  if not trains_parts(config):
+    return config
+  from distill.latent import parts  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.teacher.pretrained = str(parts.parts_dir(workdir))
+  if not config.eval.get("clip_model"):
+    config.eval.clip_model = str(parts.export_dir(workdir, "clip_eval"))
+  return config
+
+
 def is_imported(config, link: Link) -> bool:
   """The teacher is read, not trained, when ``teacher.checkpoint`` (a distill checkpoint) or
-  ``teacher.pretrained`` (a diffusers-layout folder, for the latent family) is set."""
-  return link.name == "teacher" and bool(config.teacher.checkpoint or
-                                         config.teacher.get("pretrained"))
+  ``teacher.pretrained`` (a diffusers-layout folder, for the latent family) is set, unless the
+  chain trained that folder's parts (then the teacher trains from it)."""
+  return link.name == "teacher" and not trains_parts(config) and bool(
+      config.teacher.checkpoint or config.teacher.get("pretrained"))
 
 
 def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
@@ -73,7 +104,9 @@ def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
 
 
 def section_of(config, link: Link):
-  return halving_section(config, link.num_steps) if link.stage == "stage_two" else config[link.name]
+  if link.stage == "stage_two":
+    return halving_section(config, link.num_steps)
+  return config[link.stage]
 
 
 def abstract_params(fam, link_name: str, mesh):
@@ -98,9 +131,9 @@ def read_final_params(config, workdir, link: Link, mesh):
   """
   if link.name == "teacher" and config.teacher.checkpoint:
     return read_teacher_checkpoint(config, mesh)
-  fam = family.of(config)
-  if link.name == "teacher" and config.teacher.get("pretrained"):
-    return jax.device_put(fam.init_teacher(None), sharding.replicated(mesh))
+  config = fill_trained_parts(config, workdir)
+  if is_imported(config, link):
+    return jax.device_put(family.of(config).init_teacher(None), sharding.replicated(mesh))
   directory = link.directory(workdir)
   want = int(section_of(config, link).num_train_steps)
   try:
@@ -111,8 +144,15 @@ def read_final_params(config, workdir, link: Link, mesh):
     raise ValueError(f"{link.name} is not complete in {str(directory)!r} (step {step} of "
                      f"{want}): add {link.stage} to --config.stages to train it, or start from "
                      "an existing teacher with --config.teacher.checkpoint=PATH.")
-  return checkpoints.read_params(directory / "checkpoints" / str(want),
-                                 abstract_params(fam, link.name, mesh), what=link.name)[1]
+  if is_part(link):
+    from distill.latent import parts  # pylint: disable=import-outside-toplevel
+    replicated = sharding.replicated(mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            parts.abstract_params(config, workdir, link.name))
+  else:
+    abstract = abstract_params(family.of(config), link.name, mesh)
+  return checkpoints.read_params(directory / "checkpoints" / str(want), abstract,
+                                 what=link.name)[1]
 
 
 def read_teacher_checkpoint(config, mesh):
@@ -138,7 +178,7 @@ def workdir_config(workdir) -> ml_collections.ConfigDict:
     saved = checkpoints.Checkpoints(workdir / link / "checkpoints", max_to_keep=None,
                                     writable=False)
     try:
-      return ml_collections.ConfigDict(saved.restore_config(step))
+      return fill_trained_parts(ml_collections.ConfigDict(saved.restore_config(step)), workdir)
     finally:
       saved.close()
   raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/, teacher_v/ or "

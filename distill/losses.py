@@ -47,7 +47,7 @@ def _noisy_batch(family, x, key, t):
   return diffusion.diffuse(x, eps, logsnr), logsnr
 
 
-TEACHER_WEIGHTINGS = ("snr_trunc", "snr_plus_one")
+TEACHER_WEIGHTINGS = ("snr_trunc", "snr_plus_one", "eps")
 
 
 def teacher_objective(family, *, p_uncond: float, weighting: str = "snr_trunc"):
@@ -59,7 +59,9 @@ def teacher_objective(family, *, p_uncond: float, weighting: str = "snr_trunc"):
   * ``snr_trunc``: ``max(‖x̂ − x‖², ‖ε̂ − ε‖²)``, the x-space error weighted by
     ``max(exp(λ), 1)`` (the paper's teachers);
   * ``snr_plus_one``: ``‖v̂ − v‖²``, the x-space error weighted by ``1 + exp(λ)`` (Stable
-    Diffusion 2's v-objective), an option of the ε→v fine-tuning link ``teacher_v``.
+    Diffusion 2's v-objective), an option of the ε→v fine-tuning link ``teacher_v``;
+  * ``eps``: ``‖ε̂ − ε‖²``, the x-space error weighted by ``exp(λ)`` (Stable Diffusion's
+    ε-objective), for a latent ε-teacher trained here (``configs/emoji.py``).
   """
   if weighting not in TEACHER_WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r} is not one of {list(TEACHER_WEIGHTINGS)}.")
@@ -81,6 +83,8 @@ def teacher_objective(family, *, p_uncond: float, weighting: str = "snr_trunc"):
     x_pred = diffusion.x_from_v(z, v, logsnr)
     if weighting == "snr_trunc":
       per_example = snr_trunc_loss(x, x_pred, eps, diffusion.eps_from_v(z, v, logsnr))
+    elif weighting == "eps":
+      per_example = _per_example_mean(diffusion.eps_from_v(z, v, logsnr) - eps)
     else:
       per_example = _per_example_mean(v - diffusion.v_from_x_eps(x, eps, logsnr))
     loss = jnp.mean(per_example)

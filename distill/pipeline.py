@@ -31,6 +31,7 @@ from distill import (config_validation, denoiser, diffusion, family, input_pipel
                      manifest, paths, progress, sharding, train)
 from distill.evaluation import evaluate
 from distill.latent import cache as latent_cache
+from distill.latent import parts as latent_parts
 
 
 def stage_key(config, name: str) -> jax.Array:
@@ -112,6 +113,39 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
       progress=progress)
 
 
+def train_part(config, workdir, link: layout.Link, mesh, *, progress=None) -> train.TrainState:
+  """Trains one part of a text-to-image teacher (``distill/latent/parts.py``) and writes its
+  folder once it is complete."""
+  section = layout.section_of(config, link)
+  key = stage_key(config, link.name)
+  objective, init, prepare = latent_parts.link_parts(config, workdir, link.name)
+  batches = prepare(input_pipeline.train_batches(
+      config.data, global_batch_size=section.batch_size, seed=config.seed + link.index))
+  state = train.train(
+      name=link.name, section=link.stage, stage_cfg=section, objective=objective,
+      init_params=lambda: init(jax.random.fold_in(key, 0)), frozen=None, batches=batches,
+      mesh=mesh, workdir=link.directory(workdir), config=config,
+      base_key=jax.random.fold_in(key, 1), progress=progress)
+  if jax.process_index() == 0 and not latent_parts.is_exported(workdir, link.name):
+    out = latent_parts.write_part(config, workdir, link.name, state.ema_params)
+    logging.info("%s: written to %s", link.name, out)
+  return state
+
+
+def _teacher_from_parts(config, workdir):
+  """``config`` reading the teacher folder assembled from the trained parts (written once)."""
+  if jax.process_index() == 0 and not latent_parts.parts_dir(workdir).exists():
+    for name in ("autoencoder", "clip"):
+      if not latent_parts.is_exported(workdir, name):
+        raise ValueError(f"{name} is not complete in {str(workdir)!r}: add "
+                         f"{layout.PART_STAGES[name]} to --config.stages to train it.")
+    out = latent_parts.assemble(config, workdir, jax.random.fold_in(stage_key(config, "teacher"),
+                                                                    0))
+    logging.info("teacher: its folder (the trained parts, the U-Net at initialisation) is %s",
+                 out)
+  return layout.fill_trained_parts(config, workdir)
+
+
 def train_teacher(config, workdir, mesh) -> train.TrainState:
   """Trains the classifier-free-guided teacher (label dropout, v-prediction)."""
   return train_link(config, workdir, layout.chain(config)[0], mesh, None)
@@ -143,6 +177,20 @@ def run(config, workdir) -> None:
         int(layout.section_of(config, link).batch_size)) for link in trained],
       eval_work=_eval_work(config) if "eval" in stages else 0)
 
+  for link in links[:last + 1]:
+    if not layout.is_part(link) or link.stage not in stages:
+      continue
+    start = time.time()
+    was_complete = record.is_complete(link.name)
+    logging.info("%s (%s): %s", link.name, tracker.position(link.name),
+                 "complete, read from its final checkpoint" if was_complete else "training")
+    state = train_part(config, workdir, link, mesh, progress=tracker)
+    if not was_complete:
+      record.complete(link.name, step=int(state.step), seconds=time.time() - start)
+  if layout.trains_parts(config) and (any(not layout.is_part(link) for link in links[:last + 1])
+                                      or "eval" in stages):
+    config = _teacher_from_parts(config, workdir)
+
   if trained and latent_cache.is_enabled(config) and not record.is_complete("latent_cache"):
     start = time.time()
     latent_cache.build(config, workdir, family.of(config))
@@ -151,6 +199,8 @@ def run(config, workdir) -> None:
 
   params = None  # a function giving the previous link's EMA parameters
   for link in links[:last + 1]:
+    if layout.is_part(link):
+      continue
     imported = layout.is_imported(config, link)
     if imported and "teacher" in stages:
       logging.info("teacher: not trained, %s is used instead",

@@ -16,7 +16,10 @@ import time
 # the teacher's two branches without gradient beside the student; stage two runs two teacher
 # DDIM steps (the training-step table of BENCHMARKS.md measures 1.24–1.25× and 1.32–1.45×).
 # teacher_v (a latent teacher's ε→v fine-tuning) trains with the teacher's objective.
-STEP_COST = {"teacher": 1.0, "teacher_v": 1.0, "stage_one": 1.25, "stage_two": 1.4}
+# The parts a text-to-image chain trains first (autoencoder, clip) are other networks: their
+# costs are rough guesses against configs/emoji.py's U-Net, corrected by the first measured rate.
+STEP_COST = {"teacher": 1.0, "teacher_v": 1.0, "stage_one": 1.25, "stage_two": 1.4,
+             "autoencoder": 0.5, "clip": 0.3}
 # A forward pass of one example costs about this share of one example's training step
 # (forward, backward and the optimiser).
 FORWARD_SHARE = 1 / 3

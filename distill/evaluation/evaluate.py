@@ -166,9 +166,11 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
                           pr_samples=int(config.eval.pr_samples),
                           class_accuracy=info["class_accuracy"], clip=clip, prompts=prompts)
     result.update(dataclasses.asdict(cell), nfe=cell.nfe, seconds=round(time.time() - t0, 1))
-    logging.info("eval %s: FID %.3f, IS %s, class accuracy %s, CLIP score %s (%.0f s; %s)",
-                 cell.key, result["fid"], result["is"], result["class_accuracy"],
-                 result["clip_score"], result["seconds"],
+    shown = [f"FID {result['fid']:.3f}"] + [
+        f"{label} {result[key]:.{digits}f}" for key, label, digits in (
+            ("is", "IS", 2), ("class_accuracy", "class accuracy", 3),
+            ("clip_score", "CLIP score", 2)) if result.get(key) is not None]
+    logging.info("eval %s: %s (%.0f s; %s)", cell.key, ", ".join(shown), result["seconds"],
                  tracker.done(cell.key, result["seconds"]))
     if cell.seed == config.eval.seeds[0]:
       grid = images.grid(x[:100], rows=10) if len(x) >= 100 else images.grid(x, rows=1)

@@ -1,0 +1,265 @@
+"""The parts of a text-to-image teacher trained here (distill/latent/parts.py): PyTorch names of
+our parameters against files diffusers and transformers wrote, folders we write loaded by
+diffusers and transformers, the BPE tokenizer against transformers' CLIPTokenizer, the losses
+against closed forms, and the chain's first links on the emoji data."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill import layout, pipeline
+from distill.config_utils import load_config
+from distill.latent import clip_loader, export, parts, pretrained, vae, weights
+from distill.latent import tokenizer as tokenizer_lib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "latent"
+EMOJI = f"{REPO / 'configs' / 'emoji.py'}:runlocal"
+
+
+def _file_tensors(folder, prefix=""):
+  tensors = weights.read_safetensors(weights.safetensors_files(folder))
+  out = {}
+  for key, value in tensors.items():
+    if key in weights.IGNORED or prefix + key in weights.IGNORED:
+      continue
+    out[weights.rename_old_keys(key if key.startswith(prefix) or not prefix
+                                else prefix + key)] = value
+  return out
+
+
+@pytest.mark.parametrize("folder,part,prefix", [
+    ("tiny-sd", "vae", ""), ("tiny-sd", "unet", ""), ("tiny-sd", "text_encoder", "text_model."),
+    ("tiny-cin", "vqvae", ""), ("tiny-cin", "unet", ""), ("unet-lcm", None, "")])
+def test_torch_names_and_layouts_are_the_files(folder, part, prefix):
+  """Every tensor of a file diffusers or transformers wrote, back from the Flax tree it loaded
+  into: the same keys (current attention names) and the same values in the file's layout."""
+  models = pretrained.load_pretrained(FIXTURES / folder)
+  params = {"vae": models.vae_params, "unet": models.unet_params, "vqvae": models.vqvae_params,
+            "text_encoder": models.text_encoder_params, None: models.unet_params}[part]
+  path = FIXTURES / folder / part if part else FIXTURES / folder
+  want = _file_tensors(path, prefix)
+  got = weights.torch_tensors(params)
+  assert set(got) == set(want)
+  for key, value in want.items():
+    assert got[key].shape == value.shape, key
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_torch_names_of_a_whole_clip():
+  model = clip_loader.load(FIXTURES / "clip-tiny")
+  want = _file_tensors(FIXTURES / "clip-tiny")
+  got = weights.torch_tensors({**model.vision_params, **model.text_params})
+  assert set(want) - set(got) == {"logit_scale"} and set(got) <= set(want)
+  for key, value in got.items():
+    np.testing.assert_array_equal(value, want[key], err_msg=key)
+
+
+def test_an_unknown_module_name_is_refused():
+  with pytest.raises(weights.WeightsError, match="no known PyTorch name for 'my_layer'"):
+    weights.torch_name(("down_blocks_0_my_layer", "kernel"))
+
+
+def _same_config(ours, theirs, written: dict):
+  """Every field we wrote reads back in diffusers as the fixture's own config has it (diffusers'
+  attention_head_dim: one number for all blocks, or one per block)."""
+  for key in written:
+    if key.startswith("_"):
+      continue
+    a, b = ours.config[key], theirs.config[key]
+    if key == "attention_head_dim" and isinstance(b, int):
+      b = [b] * len(theirs.config["block_out_channels"])
+    a, b = (list(v) if isinstance(v, (list, tuple)) else v for v in (a, b))
+    assert a == b, (key, a, b)
+
+
+def _same_state(ours, theirs):
+  a, b = ours.state_dict(), theirs.state_dict()
+  assert set(a) == set(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+
+
+def test_written_folders_load_strictly_in_diffusers_and_transformers(tmp_path):
+  """vae/, unet/ and text_encoder/ written from our parameters and config dataclasses: diffusers
+  and transformers load them with no missing or unexpected key, into the modules they load from
+  the files they wrote themselves."""
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  src = FIXTURES / "tiny-sd"
+  models = pretrained.load_pretrained(src)
+  vae_cfg = vae.VAEConfig.from_diffusers(json.loads((src / "vae" / "config.json").read_text()))
+  export.write_model(tmp_path / "vae", export.vae_config(vae_cfg), models.vae_params)
+  unet_cfg = models.unet.config
+  export.write_model(tmp_path / "unet", export.unet_config(unet_cfg), models.unet_params)
+  text = json.loads((src / "text_encoder" / "config.json").read_text())
+  export.write_model(tmp_path / "text_encoder", export.text_encoder_config(
+      models.text_encoder.config, bos=text["bos_token_id"], eos=text["eos_token_id"],
+      pad=text["pad_token_id"]), models.text_encoder_params, filename=export.TRANSFORMERS_FILE)
+  for cls, part in ((diffusers.AutoencoderKL, "vae"), (diffusers.UNet2DConditionModel, "unet")):
+    ours, info = cls.from_pretrained(tmp_path / part, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], (part, info)
+    theirs = cls.from_pretrained(src / part)
+    _same_config(ours, theirs, json.loads((tmp_path / part / "config.json").read_text()))
+    _same_state(ours, theirs)
+  ours, info = transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder",
+                                                          output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  _same_state(ours, transformers.CLIPTextModel.from_pretrained(src / "text_encoder"))
+  # And our own loader reads them back to the same parameters.
+  again = pretrained.load_unet(tmp_path / "unet")[1]
+  jax.tree.map(np.testing.assert_array_equal, again, models.unet_params)
+
+
+def test_a_written_clip_folder_loads_in_transformers_and_ours(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  src = FIXTURES / "clip-tiny"
+  model = clip_loader.load(src)
+  meta = json.loads((src / "config.json").read_text())
+  tensors = {**model.vision_params, **model.text_params,
+             "logit_scale": _file_tensors(src)["logit_scale"]}
+  text = meta["text_config"]
+  export.write_model(tmp_path, export.clip_config(
+      model.vision.config, model.text.config, projection_dim=meta["projection_dim"],
+      bos=text["bos_token_id"], eos=text["eos_token_id"], pad=text["pad_token_id"]),
+                     tensors, filename=export.TRANSFORMERS_FILE)
+  tokenizer_lib.copy_files(src, tmp_path)
+  ours, info = transformers.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  _same_state(ours, transformers.CLIPModel.from_pretrained(src))
+  again = clip_loader.load(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, again.text_params, model.text_params)
+  jax.tree.map(np.testing.assert_array_equal, again.vision_params, model.vision_params)
+
+
+@pytest.fixture(scope="module")
+def emoji_captions():
+  from distill import emoji_data  # pylint: disable=import-outside-toplevel
+  return (emoji_data.EmojiSource(16, "train").captions,
+          emoji_data.EmojiSource(16, "held_out").captions)
+
+
+def test_trained_tokenizer_is_deterministic_and_read_by_transformers(tmp_path, emoji_captions):
+  """The BPE tokenizer of the training captions, written twice, is the same file; transformers'
+  CLIPTokenizer built from its vocab.json and merges.txt alone (not our tokenizer.json) encodes
+  the held-out captions to our ids."""
+  transformers = pytest.importorskip("transformers")
+  train, held = emoji_captions
+  for name in ("a", "b"):
+    tokenizer_lib.save(tokenizer_lib.train_bpe(train, 1024), tmp_path / name, max_length=16)
+  assert (tmp_path / "a" / "tokenizer.json").read_text() == \
+      (tmp_path / "b" / "tokenizer.json").read_text()
+  ours = tokenizer_lib.CLIPTokenizer(tmp_path / "a", 16)
+  bpe_only = tmp_path / "bpe_only"
+  bpe_only.mkdir()
+  for name in ("vocab.json", "merges.txt"):
+    (bpe_only / name).write_text((tmp_path / "a" / name).read_text(encoding="utf-8"),
+                                 encoding="utf-8")
+  theirs = transformers.CLIPTokenizer.from_pretrained(bpe_only)
+  want = theirs(held, padding="max_length", max_length=16, truncation=True).input_ids
+  np.testing.assert_array_equal(ours(held), np.asarray(want))
+  assert ours.eos_id == ours.vocab_size - 1 and ours.bos_id == ours.vocab_size - 2
+  assert max(int((row != ours.pad_id).sum()) for row in ours(train)) <= 16
+
+
+def test_contrastive_loss_closed_form():
+  """Two orthogonal unit pairs at temperature s: log(1 + e^−s) when matched, log(1 + e^s)
+  when the captions are swapped."""
+  s = 2.5
+  img = jnp.asarray([[3.0, 0.0], [0.0, 0.5]])
+  matched = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
+  loss, acc = parts.contrastive_loss(img, matched, jnp.log(s))
+  np.testing.assert_allclose(loss, np.log1p(np.exp(-s)), rtol=1e-5)
+  assert acc == 1.0
+  loss, acc = parts.contrastive_loss(img, matched[::-1], jnp.log(s))
+  np.testing.assert_allclose(loss, np.log1p(np.exp(s)), rtol=1e-5)
+  assert acc == 0.0
+  clipped, _ = parts.contrastive_loss(img, matched, jnp.log(1000.0))
+  np.testing.assert_allclose(clipped, np.log1p(np.exp(-100.0)), atol=1e-30)
+
+
+def test_kl_term_is_the_gaussian_kl():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  mean, logvar = rng.normal(size=(3, 2, 2, 4)), rng.normal(size=(3, 2, 2, 4))
+  want = torch.distributions.kl_divergence(
+      torch.distributions.Normal(torch.tensor(mean), torch.tensor(np.exp(0.5 * logvar))),
+      torch.distributions.Normal(0.0, 1.0)).numpy().mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(parts.kl_to_standard_normal(jnp.asarray(mean), jnp.asarray(logvar)),
+                             want, rtol=1e-5)
+
+
+def test_psnr():
+  x = np.zeros((2, 4, 4, 3))
+  y = x.copy()
+  y[0] += 0.2  # [−1, 1] → [0, 1]: an error of 0.1, MSE 0.01, 20 dB
+  y[1] += 0.02  # 40 dB
+  np.testing.assert_allclose(parts.psnr_of(x, y), 30.0, rtol=1e-9)
+
+
+@pytest.mark.xdist_group("latent_pipeline")
+def test_the_chain_trains_the_parts_then_the_teacher_from_them(tmp_path):
+  """configs/emoji.py:runlocal through its teacher: the autoencoder, the two CLIPs and the
+  tokenizer are trained and written; parts/ holds them as one diffusers-layout folder with the
+  U-Net at its initialisation, the teacher trains from it, and a rerun trains nothing."""
+  config = load_config(EMOJI)
+  config.stages = "autoencoder,clip,teacher"
+  config.num_devices = 1
+  pipeline.run(config, str(tmp_path))
+  mesh = pipeline.make_mesh(config)
+  links = {link.name: link for link in layout.chain(config)}
+  assert [name for name in links][:4] == ["autoencoder", "clip", "clip_eval", "teacher"]
+  final = lambda name: jax.device_get(layout.read_final_params(config, tmp_path, links[name],
+                                                               mesh))
+  folder = pretrained.load_pretrained(tmp_path / "parts")
+  jax.tree.map(np.testing.assert_array_equal, folder.vae_params, final("autoencoder"))
+  clip, clip_eval = final("clip"), final("clip_eval")
+  text = {k: v for k, v in clip["text"].items() if k != "text_projection"}
+  jax.tree.map(np.testing.assert_array_equal, folder.text_encoder_params, text)
+  assert not np.allclose(clip["text"]["text_projection"]["kernel"],
+                         clip_eval["text"]["text_projection"]["kernel"])  # another seed
+  # The evaluator is a whole CLIP folder with the same tokenizer.
+  evaluator = clip_loader.load(tmp_path / "clip_eval" / "model")
+  jax.tree.map(np.testing.assert_array_equal, evaluator.vision_params, clip_eval["vision"])
+  prompts = ["grinning face", "flag: japan"]
+  np.testing.assert_array_equal(evaluator.tokenizer(prompts), folder.tokenizer(prompts))
+  assert folder.tokenizer(prompts).shape == (2, config.clip.max_length)
+  # The VAE's scaling factor makes the training images' latents unit-variance.
+  from distill import input_pipeline  # pylint: disable=import-outside-toplevel
+  train = input_pipeline.source(config.data, "train")
+  images = np.stack([train[i]["image"] for i in range(512)])
+  np.testing.assert_allclose(np.std(np.asarray(folder.encode_image(images))), 1.0, rtol=1e-4)
+  metrics = json.loads((tmp_path / "autoencoder" / "metrics.json").read_text())
+  assert metrics["held_out_images"] == 392 and 0 < metrics["psnr_held_out"] < 60
+  # The teacher: an ε-model on the scaled_linear schedule, trained from parts/unet.
+  assert folder.prediction_type == "epsilon"
+  assert layout.workdir_config(tmp_path).teacher.pretrained == str(tmp_path / "parts")
+  teacher = final("teacher")
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), teacher, folder.unet_params)
+  assert 0 < max(jax.tree.leaves(moved)) < 1.0
+  record = json.loads((tmp_path / "manifest.json").read_text())
+  assert {"autoencoder", "clip", "clip_eval", "teacher"} <= set(record["stages"])
+  before = (tmp_path / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns
+  pipeline.run(config, str(tmp_path))  # a rerun: everything is complete
+  assert (tmp_path / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns == before
+
+
+def test_bad_parts_configs_give_one_line_errors(tmp_path):
+  from distill import config_validation  # pylint: disable=import-outside-toplevel
+  config = load_config(EMOJI)
+  bad = config.copy_and_resolve_references()
+  bad.data.image_size = 18
+  with pytest.raises(ValueError, match="data.image_size=18 must be a multiple"):
+    config_validation.validate(bad, str(tmp_path), num_devices=1)
+  bad = config.copy_and_resolve_references()
+  bad.teacher.pretrained = str(FIXTURES / "tiny-sd")
+  with pytest.raises(ValueError, match="teacher.pretrained is set, but the config trains"):
+    config_validation.validate(bad, str(tmp_path), num_devices=1)
+  bad = load_config(f"{REPO / 'configs' / 'sd15.py'}:runlocal")
+  bad.stages = "clip,teacher_v"
+  with pytest.raises(ValueError, match="stages names clip, but the config trains no parts"):
+    config_validation.validate(bad, str(tmp_path), num_devices=1)
