@@ -15,7 +15,7 @@ of the captions is held out. The chain (``distill/latent/parts.py`` for its firs
   Stable Diffusion. ``clip_eval``, the same recipe with another seed, is the eval stage's CLIP;
 * ``teacher``: a ``UNet2DConditionModel`` predicting ε on Stable Diffusion's ``scaled_linear``
   1000-step schedule, with caption dropout to ``""`` (10 %);
-* ``teacher_v`` (ε → v), ``stage_one`` for w ∈ [0, 8], the halvings 64 → 1, then ``eval``:
+* ``teacher_v`` (ε → v), ``stage_one`` for w ∈ [0, 8], the halvings 16 → 1, then ``eval``:
   FID on the evaluator CLIP's image features and the CLIP score of the held-out captions.
 """
 
@@ -35,36 +35,38 @@ def get_config(arg=None):
                                   "cat face", "flag: japan")
   config.latent.w_embedding_dim = 64
 
-  config.autoencoder = common.train_section(batch_size=64, num_train_steps=3000, lr=1e-3,
+  # Sizes and steps from the links' measured step times on 2 cores (BENCHMARKS.md, "The emoji
+  # default"): autoencoder 0.23 s/step, CLIP 0.2 s, U-Net 0.22 s (teacher) to 0.26 s (stage one).
+  config.autoencoder = common.train_section(batch_size=32, num_train_steps=1200, lr=1e-3,
                                             warmup_steps=100, ema_decay=0.999,
                                             lr_decay="cosine")
-  config.autoencoder.model = dict(block_out_channels=(32, 64, 64), layers_per_block=1,
+  config.autoencoder.model = dict(block_out_channels=(16, 32, 64), layers_per_block=1,
                                   latent_channels=4, norm_num_groups=16)
   config.autoencoder.kl_weight = 1e-4
   config.autoencoder.sample_every = 0
 
-  config.clip = common.train_section(batch_size=128, num_train_steps=2000, lr=5e-4,
+  config.clip = common.train_section(batch_size=128, num_train_steps=500, lr=5e-4,
                                      warmup_steps=100, ema_decay=0.0, lr_decay="cosine")
   config.clip.vocab_size = 1024  # BPE target; the byte symbols come on top
   config.clip.max_length = 16  # the longest caption is 15 tokens with that vocabulary
   config.clip.projection_dim = 128
-  config.clip.text = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+  config.clip.text = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                           num_attention_heads=4)
-  config.clip.vision = dict(patch_size=4, hidden_size=128, intermediate_size=512,
-                            num_hidden_layers=3, num_attention_heads=4)
+  config.clip.vision = dict(patch_size=8, hidden_size=128, intermediate_size=512,
+                            num_hidden_layers=2, num_attention_heads=4)
   config.clip.sample_every = 0
 
   # diffusers' UNet2DConditionModel fields; channels, cross-attention width and size follow
   # the autoencoder and the CLIP (parts.unet_config).
   config.latent.unet = dict(
-      block_out_channels=(64, 128), layers_per_block=1,
+      block_out_channels=(32, 64), layers_per_block=1,
       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(4, 4),
       norm_num_groups=32, use_linear_projection=True)
   config.latent.scheduler = dict(beta_schedule="scaled_linear", beta_start=0.00085,
                                  beta_end=0.012, num_train_timesteps=1000)
 
-  config.teacher = common.train_section(batch_size=64, num_train_steps=6000, lr=3e-4,
+  config.teacher = common.train_section(batch_size=64, num_train_steps=2500, lr=3e-4,
                                         warmup_steps=200, ema_decay=0.999)
   config.teacher.pretrained = ""  # made by the chain: workdir/parts
   config.teacher.checkpoint = ""
@@ -74,7 +76,7 @@ def get_config(arg=None):
   config.teacher.sample_steps = 32
   config.teacher.sample_every = 0
 
-  config.teacher_v.num_train_steps = 1000
+  config.teacher_v.num_train_steps = 300
   config.teacher_v.batch_size = 64
   config.teacher_v.lr = 1e-4
   config.teacher_v.warmup_steps = 0
@@ -86,19 +88,19 @@ def get_config(arg=None):
     section.ema_decay = 0.0
     section.sample_w = (0.0, 4.0)
     section.checkpoint_every = 1000
-  config.stage_one.num_train_steps = 2000
+  config.stage_one.num_train_steps = 800
   config.stage_one.w_min = 0.0
   config.stage_one.w_max = 8.0
-  config.stage_two.start_num_steps = 64
+  config.stage_two.start_num_steps = 16
   config.stage_two.train_steps_per_halving = 200
   config.stage_two.long_halving_max_steps = 4
-  config.stage_two.long_halving_train_steps = 600
+  config.stage_two.long_halving_train_steps = 400
 
   config.eval.features = "clip"  # the evaluator CLIP (clip_eval), never the conditioning one
   config.eval.w_values = (0.0, 2.0, 4.0, 8.0)
   config.eval.num_samples = 392  # every held-out caption once
   config.eval.seeds = (0,)
-  config.eval.teacher_steps = 256
+  config.eval.teacher_steps = 128
   config.eval.ddim_steps = (4, 16)
   config.eval.dpm_solver_steps = (4, 8)
   config.eval.student_steps = (1, 2, 4)
@@ -113,7 +115,7 @@ def get_config(arg=None):
     config.clip.projection_dim = 16
     config.clip.text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                             num_attention_heads=2)
-    config.clip.vision = dict(patch_size=4, hidden_size=16, intermediate_size=32,
+    config.clip.vision = dict(patch_size=8, hidden_size=16, intermediate_size=32,
                               num_hidden_layers=1, num_attention_heads=2)
     config.latent.unet.block_out_channels = (8, 16)
     config.latent.unet.norm_num_groups = 4

@@ -143,6 +143,7 @@ def _teacher_from_parts(config, workdir):
                                                                     0))
     logging.info("teacher: its folder (the trained parts, the U-Net at initialisation) is %s",
                  out)
+  latent_parts.sync("assemble")
   return layout.fill_trained_parts(config, workdir)
 
 

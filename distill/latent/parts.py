@@ -103,11 +103,20 @@ def tokenizer_dir(workdir) -> epath.Path:
 def ensure_tokenizer(config, workdir) -> tokenizer_lib.CLIPTokenizer:
   """The BPE tokenizer of the training captions, learnt once into ``workdir/tokenizer``."""
   folder = tokenizer_dir(workdir)
-  if not (folder / "tokenizer.json").exists() and jax.process_index() == 0:
-    tok = tokenizer_lib.train_bpe(train_captions(config), int(config.clip.vocab_size))
-    export.write_atomically(folder, lambda d: tokenizer_lib.save(
-        tok, d, max_length=int(config.clip.max_length)))
+  if not (folder / "tokenizer.json").exists():
+    if jax.process_index() == 0:
+      tok = tokenizer_lib.train_bpe(train_captions(config), int(config.clip.vocab_size))
+      export.write_atomically(folder, lambda d: tokenizer_lib.save(
+          tok, d, max_length=int(config.clip.max_length)))
+    sync("tokenizer")
   return tokenizer_lib.CLIPTokenizer(folder, int(config.clip.max_length))
+
+
+def sync(name: str) -> None:
+  """Every process waits here for the others (for a folder process 0 has just written)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"parts:{name}")
 
 
 # --- the networks and their objectives ---------------------------------------------------------
