@@ -37,8 +37,10 @@ def get_config(arg=None):
 
   # Sizes and steps from the links' measured step times on 2 cores (BENCHMARKS.md, "The emoji
   # default"): autoencoder 0.23 s/step, CLIP 0.2 s, U-Net 0.22 s (teacher) to 0.26 s (stage one).
+  # EMA time constants well inside each link's steps (1/(1 − decay) = 100, 200 and 100 steps):
+  # an average over most of a short link would still hold its start.
   config.autoencoder = common.train_section(batch_size=32, num_train_steps=1200, lr=1e-3,
-                                            warmup_steps=100, ema_decay=0.999,
+                                            warmup_steps=100, ema_decay=0.99,
                                             lr_decay="cosine")
   config.autoencoder.model = dict(block_out_channels=(16, 32, 64), layers_per_block=1,
                                   latent_channels=4, norm_num_groups=16)
@@ -67,7 +69,7 @@ def get_config(arg=None):
                                  beta_end=0.012, num_train_timesteps=1000)
 
   config.teacher = common.train_section(batch_size=64, num_train_steps=2500, lr=3e-4,
-                                        warmup_steps=200, ema_decay=0.999)
+                                        warmup_steps=200, ema_decay=0.995)
   config.teacher.pretrained = ""  # made by the chain: workdir/parts
   config.teacher.checkpoint = ""
   config.teacher.p_uncond = 0.1
@@ -80,7 +82,7 @@ def get_config(arg=None):
   config.teacher_v.batch_size = 64
   config.teacher_v.lr = 1e-4
   config.teacher_v.warmup_steps = 0
-  config.teacher_v.ema_decay = 0.999
+  config.teacher_v.ema_decay = 0.99
   config.teacher_v.checkpoint_every = 1000
   for section in (config.stage_one, config.stage_two):
     section.batch_size = 64

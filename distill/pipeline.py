@@ -149,7 +149,8 @@ def _teacher_from_parts(config, workdir):
 
 def train_teacher(config, workdir, mesh) -> train.TrainState:
   """Trains the classifier-free-guided teacher (label dropout, v-prediction)."""
-  return train_link(config, workdir, layout.chain(config)[0], mesh, None)
+  link = next(link for link in layout.chain(config) if link.name == "teacher")
+  return train_link(config, workdir, link, mesh, None)
 
 
 def run(config, workdir) -> None:

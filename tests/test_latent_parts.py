@@ -201,7 +201,6 @@ def test_psnr():
   np.testing.assert_allclose(parts.psnr_of(x, y), 30.0, rtol=1e-9)
 
 
-@pytest.mark.xdist_group("latent_pipeline")
 def test_the_chain_trains_the_parts_then_the_teacher_from_them(tmp_path):
   """configs/emoji.py:runlocal through its teacher: the autoencoder, the two CLIPs and the
   tokenizer are trained and written; parts/ holds them as one diffusers-layout folder with the

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 from etils import epath
+from safetensors.numpy import save_file
 
 from distill.latent import clip, unet, vae, weights
 
@@ -90,7 +91,6 @@ def clip_config(vision_cfg: clip.CLIPVisionConfig, text_cfg: clip.CLIPTextConfig
 
 def write_model(folder, config: dict, params, *, filename: str = DIFFUSERS_FILE) -> None:
   """``folder/config.json`` and ``folder/filename``: ``params`` under PyTorch keys (float32)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   folder = epath.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -15,11 +15,10 @@ objective differs:
   initialisation and data order): the eval stage's CLIP score and CLIP features come from it,
   never from the model that conditions the teacher.
 
-A finished part is written in the diffusers / transformers folder layout: the
+A finished part is written in the diffusers / transformers folder layout (``write_part``): the
 autoencoder as ``autoencoder/vae/`` with ``scaling_factor = 1/std`` of its latents on training
 images (Stable Diffusion's recipe) and its held-out PSNR in ``autoencoder/metrics.json``; each
-CLIP as a transformers ``CLIPModel`` folder, ``clip/model/``, with its tokenizer
-(``write_part``). ``assemble``
+CLIP as a transformers ``CLIPModel`` folder, ``clip/model/``, with its tokenizer. ``assemble``
 then writes ``parts/``, the teacher's diffusers-layout folder: the VAE, the conditioning CLIP's
 text tower as ``text_encoder/`` with ``tokenizer/``, the ``scheduler/`` of ``latent.scheduler``,
 and ``unet/`` (``latent.unet``) at its initialisation. The latent family reads that folder as
@@ -31,18 +30,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from safetensors.numpy import load_file, save_file
 
-from distill import input_pipeline
+from distill import files, input_pipeline
 from distill.latent import clip, clip_loader, export, unet, vae
 from distill.latent import tokenizer as tokenizer_lib
 
-LINKS = ("autoencoder", "clip", "clip_eval")
 PARTS_DIR = "parts"
 TOKENIZER_DIR = "tokenizer"
 VAE_DIR = "vae"
@@ -225,10 +225,6 @@ def link_parts(config, workdir, name: str):
   return clip_objective(nets), jax.jit(lambda rng: init_clip(nets, rng)), prepare
 
 
-def section(config, name: str):
-  return config.autoencoder if name == "autoencoder" else config.clip
-
-
 def export_dir(workdir, name: str) -> epath.Path:
   return epath.Path(workdir) / name / (VAE_DIR if name == "autoencoder" else CLIP_DIR)
 
@@ -276,11 +272,12 @@ def _export_autoencoder(config, workdir, params) -> epath.Path:
                           for i in range(0, len(held_images), 128)])
   psnr = psnr_of(held_images, recon)
   out = export_dir(workdir, "autoencoder")
-  export.write_atomically(out, lambda folder: export.write_model(
-      folder, export.vae_config(dataclasses.replace(cfg, scaling_factor=scaling)), params))
-  (out.parent / "metrics.json").write_text(json.dumps(
+  # The metrics first: the folder, once there, marks the part as written.
+  files.write_atomic(out.parent / "metrics.json", json.dumps(
       {"psnr_held_out": psnr, "held_out_images": len(held_images), "scaling_factor": scaling},
       indent=2))
+  export.write_atomically(out, lambda folder: export.write_model(
+      folder, export.vae_config(dataclasses.replace(cfg, scaling_factor=scaling)), params))
   logging.info("autoencoder: held-out PSNR %.2f dB over %d images, scaling_factor %.4f", psnr,
                len(held_images), scaling)
   return out
@@ -308,7 +305,6 @@ def scheduler_config(config) -> dict:
 
 def assemble(config, workdir, unet_rng) -> epath.Path:
   """Writes ``parts/`` (module docstring) from the finished ``autoencoder`` and ``clip``."""
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   workdir = epath.Path(workdir)
   cfg = unet_config(config)
   net = unet.UNet2DConditionModel(cfg)
@@ -328,12 +324,11 @@ def assemble(config, workdir, unet_rng) -> epath.Path:
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "safety_checker": [None, None], "feature_extractor": [None, None]}, indent=2))
-    _copy_tree(export_dir(workdir, "autoencoder"), folder / "vae")
+    shutil.copytree(str(export_dir(workdir, "autoencoder")), str(folder / "vae"))
     text = folder / "text_encoder"
     text.mkdir()
     (text / "config.json").write_text(json.dumps(
         {"architectures": ["CLIPTextModel"], **clip_json["text_config"]}, indent=2))
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     save_file({k: v for k, v in tensors.items() if k.startswith("text_model.")},
               str(text / export.TRANSFORMERS_FILE))
     tokenizer_lib.copy_files(tokenizer_dir(workdir), folder / "tokenizer")
@@ -342,11 +337,6 @@ def assemble(config, workdir, unet_rng) -> epath.Path:
         json.dumps(scheduler_config(config), indent=2))
     export.write_model(folder / "unet", export.unet_config(cfg), unet_params)
   return export.write_atomically(parts_dir(workdir), fill)
-
-
-def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
-  import shutil  # pylint: disable=import-outside-toplevel
-  shutil.copytree(str(src), str(dst))
 
 
 def abstract_params(config, workdir, name: str):
