@@ -49,7 +49,7 @@ def get_config(arg=None):
 
   config.clip = common.train_section(batch_size=128, num_train_steps=500, lr=5e-4,
                                      warmup_steps=100, ema_decay=0.0, lr_decay="cosine")
-  config.clip.vocab_size = 1024  # BPE target; the byte symbols come on top
+  config.clip.vocab_size = 1024  # the 512 byte symbols, 510 merges, the two end tokens
   config.clip.max_length = 16  # the longest caption is 15 tokens with that vocabulary
   config.clip.projection_dim = 128
   config.clip.text = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
