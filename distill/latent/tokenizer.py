@@ -82,6 +82,7 @@ def train_bpe(texts, vocab_size: int) -> Tokenizer:
       words[tuple(word[:-1]) + (word[-1] + "</w>",)] += 1
   alphabet = byte_alphabet()
   ordered = alphabet + [a + "</w>" for a in alphabet]
+  known = set(ordered)
   merges = []
   while len(ordered) < vocab_size - 2:
     pairs = collections.Counter()
@@ -95,7 +96,9 @@ def train_bpe(texts, vocab_size: int) -> Tokenizer:
       break
     merges.append(best)
     joined = best[0] + best[1]
-    ordered.append(joined)
+    if joined not in known:  # ("a", "bc") after ("ab", "c"): one token, two merges
+      ordered.append(joined)
+      known.add(joined)
     words = collections.Counter({_merge(word, best, joined): count
                                  for word, count in words.items()})
   ordered += [BOS, EOS]
