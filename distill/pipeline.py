@@ -182,13 +182,8 @@ def run(config, workdir) -> None:
   for link in links[:last + 1]:
     if not layout.is_part(link) or link.stage not in stages:
       continue
-    start = time.time()
-    was_complete = record.is_complete(link.name)
-    logging.info("%s (%s): %s", link.name, tracker.position(link.name),
-                 "complete, read from its final checkpoint" if was_complete else "training")
-    state = train_part(config, workdir, link, mesh, progress=tracker)
-    if not was_complete:
-      record.complete(link.name, step=int(state.step), seconds=time.time() - start)
+    _recorded(record, tracker, link,
+              lambda link=link: train_part(config, workdir, link, mesh, progress=tracker))
   if layout.trains_parts(config) and (any(not layout.is_part(link) for link in links[:last + 1])
                                       or "eval" in stages):
     config = _teacher_from_parts(config, workdir)
@@ -211,13 +206,8 @@ def run(config, workdir) -> None:
       params = lambda link=link: layout.read_final_params(config, workdir, link, mesh)
       continue
     teacher_params = params() if params is not None else None
-    start = time.time()
-    was_complete = record.is_complete(link.name)
-    logging.info("%s (%s): %s", link.name, tracker.position(link.name),
-                 "complete, read from its final checkpoint" if was_complete else "training")
-    state = train_link(config, workdir, link, mesh, teacher_params, progress=tracker)
-    if not was_complete:
-      record.complete(link.name, step=int(state.step), seconds=time.time() - start)
+    state = _recorded(record, tracker, link, lambda link=link: train_link(
+        config, workdir, link, mesh, teacher_params, progress=tracker))
     params = lambda state=state: state.ema_params
 
   if "eval" in stages and jax.process_index() == 0:
@@ -231,6 +221,19 @@ def run(config, workdir) -> None:
       logging.info("%s", line)
   logging.info("run finished in %s (%s)", progress.format_seconds(time.time() - tracker.started),
                ", ".join(stages))
+
+
+def _recorded(record, tracker, link: layout.Link, train_fn) -> train.TrainState:
+  """Runs ``train_fn()`` for ``link``, logged with its position, and records a newly finished
+  link in the manifest (a finished one returns at once from its final checkpoint)."""
+  start = time.time()
+  was_complete = record.is_complete(link.name)
+  logging.info("%s (%s): %s", link.name, tracker.position(link.name),
+               "complete, read from its final checkpoint" if was_complete else "training")
+  state = train_fn()
+  if not was_complete:
+    record.complete(link.name, step=int(state.step), seconds=time.time() - start)
+  return state
 
 
 def _eval_work(config) -> int:

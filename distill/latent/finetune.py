@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from distill import cli, family, layout, paths, pipeline
+from distill.latent import export as export_lib
 from distill.latent import pretrained as pretrained_lib
 from distill.latent import weights
 
@@ -36,24 +37,21 @@ def export(models: pretrained_lib.LatentModels, unet_params, out: epath.Path) ->
   ``prediction_type = "v_prediction"``; assembled beside ``out`` and renamed into place."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   src = epath.Path(models.path)
-  staging = out.parent / (out.name + ".tmp")
-  if staging.exists():
-    shutil.rmtree(str(staging))
-  shutil.copytree(str(src), str(staging), ignore=shutil.ignore_patterns("unet"))
-  (staging / "unet").mkdir()
-  shutil.copy2(str(src / "unet" / "config.json"), str(staging / "unet" / "config.json"))
-  source_files = weights.safetensors_files(src / "unet")
-  tensors = weights.export_like(jax.device_get(unet_params), source_files, what="unet")
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            str(staging / "unet" / "diffusion_pytorch_model.safetensors"))
-  sched_path = staging / "scheduler" / "scheduler_config.json"
-  sched = json.loads(sched_path.read_text())
-  sched["prediction_type"] = "v_prediction"
-  sched_path.write_text(json.dumps(sched, indent=2))
-  if out.exists():
-    shutil.rmtree(str(out))
-  staging.rename(out)
-  return out
+
+  def fill(staging):
+    shutil.copytree(str(src), str(staging), ignore=shutil.ignore_patterns("unet"),
+                    dirs_exist_ok=True)
+    (staging / "unet").mkdir()
+    shutil.copy2(str(src / "unet" / "config.json"), str(staging / "unet" / "config.json"))
+    source_files = weights.safetensors_files(src / "unet")
+    tensors = weights.export_like(jax.device_get(unet_params), source_files, what="unet")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(staging / "unet" / export_lib.DIFFUSERS_FILE))
+    sched_path = staging / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_path.read_text())
+    sched["prediction_type"] = "v_prediction"
+    sched_path.write_text(json.dumps(sched, indent=2))
+  return export_lib.write_atomically(out, fill)
 
 
 def run(config, workdir) -> epath.Path:
