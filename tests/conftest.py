@@ -39,10 +39,11 @@ import pytest  # noqa: E402
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
   """The suite runs on two pytest-xdist workers (pytest.ini): every test that uses the tiny
-  pipeline goes to one worker, so that the pipeline is trained once per run."""
+  pipeline (or the emoji run) goes to one worker, so that it is trained once per run."""
   for item in items:
-    if "tiny_pipeline" in item.fixturenames:
-      item.add_marker(pytest.mark.xdist_group("tiny_pipeline"))
+    for name in ("tiny_pipeline", "emoji_run"):
+      if name in item.fixturenames:
+        item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,22 @@ def tiny_pipeline(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_pipeline")
   pipeline.run(config, workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def emoji_run(tmp_path_factory):
+  """``(config, workdir)``: configs/emoji.py:runlocal, every link from the autoencoder to the
+  halving 2 -> 1 and a small eval stage, on one device; shared by the text-to-image tests and the
+  text-to-image notebook's."""
+  from distill import pipeline  # pylint: disable=import-outside-toplevel
+  from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config("emoji:runlocal")
+  config.num_devices = 1
+  config.stage_two.start_num_steps = 2  # one halving, 2 -> 1
+  config.eval.update(dict(w_values=(4.0,), num_samples=12, batch_size=12, student_steps=(1,)))
+  workdir = tmp_path_factory.mktemp("emoji_run")
+  pipeline.run(config, str(workdir))
+  return config, workdir
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
-from distill import pipeline
+from distill import images, pipeline
 from distill.config_utils import load_config
 from distill.evaluation import digits_classifier, evaluate
 
@@ -54,6 +55,17 @@ def test_report_has_one_cell_per_method_steps_w(tiny_pipeline):
   fid = [float(r["fid_mean"]) for r in rows]
   assert all(np.isfinite(fid)) and min(fid) > 0
   assert (report / "grids" / "student_steps2_w1.png").is_file()
+  # The side-by-side picture's heads are the first samples of the grid: its 4x-upscaled tiles.
+  grid = np.asarray(Image.open(report / "grids" / "student_steps2_w1.png"))[::4, ::4]
+  with np.load(report / "heads" / "student_steps2_w1.npz") as head:
+    assert list(head["conditions"]) == [f"class {c}" for c in range(6)]
+    tiles = images.to_uint8(head["images"])
+  assert tiles.shape == (6, 8, 8, 1)
+  for j, tile in enumerate(tiles):
+    np.testing.assert_array_equal(grid[1:9, 1 + 9 * j:9 + 9 * j], tile[..., 0])
+  for w in e.w_values:
+    picture = Image.open(report / f"side_by_side_w{w:g}.png")
+    assert picture.size[0] > 3 * 100 and picture.size[1] > 6 * 100  # 3 columns, 6 rows
 
 
 def test_closing_summary_is_the_students_row_against_the_teachers(tiny_pipeline):

@@ -3,15 +3,19 @@ our parameters against files diffusers and transformers wrote, folders we write 
 diffusers and transformers, the BPE tokenizer against transformers' CLIPTokenizer, the losses
 against closed forms, and the chain's first links on the emoji data."""
 
+import csv
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import layout, pipeline
+from distill import layout, pipeline, sample
 from distill.config_utils import load_config
 from distill.latent import clip_loader, export, parts, pretrained, vae, weights
 from distill.latent import tokenizer as tokenizer_lib
@@ -201,20 +205,17 @@ def test_psnr():
   np.testing.assert_allclose(parts.psnr_of(x, y), 30.0, rtol=1e-9)
 
 
-def test_the_chain_trains_the_parts_then_the_teacher_from_them(tmp_path):
-  """configs/emoji.py:runlocal through its teacher: the autoencoder, the two CLIPs and the
-  tokenizer are trained and written; parts/ holds them as one diffusers-layout folder with the
-  U-Net at its initialisation, the teacher trains from it, and a rerun trains nothing."""
-  config = load_config(EMOJI)
-  config.stages = "autoencoder,clip,teacher"
-  config.num_devices = 1
-  pipeline.run(config, str(tmp_path))
+def test_the_chain_trains_the_parts_then_the_teacher_from_them(emoji_run):
+  """configs/emoji.py:runlocal: the autoencoder, the two CLIPs and the tokenizer are trained and
+  written; parts/ holds them as one diffusers-layout folder with the U-Net at its
+  initialisation, the teacher trains from it, and a rerun trains nothing."""
+  config, workdir = emoji_run
   mesh = pipeline.make_mesh(config)
   links = {link.name: link for link in layout.chain(config)}
   assert [name for name in links][:4] == ["autoencoder", "clip", "clip_eval", "teacher"]
-  final = lambda name: jax.device_get(layout.read_final_params(config, tmp_path, links[name],
+  final = lambda name: jax.device_get(layout.read_final_params(config, workdir, links[name],
                                                                mesh))
-  folder = pretrained.load_pretrained(tmp_path / "parts")
+  folder = pretrained.load_pretrained(workdir / "parts")
   jax.tree.map(np.testing.assert_array_equal, folder.vae_params, final("autoencoder"))
   clip, clip_eval = final("clip"), final("clip_eval")
   text = {k: v for k, v in clip["text"].items() if k != "text_projection"}
@@ -222,7 +223,7 @@ def test_the_chain_trains_the_parts_then_the_teacher_from_them(tmp_path):
   assert not np.allclose(clip["text"]["text_projection"]["kernel"],
                          clip_eval["text"]["text_projection"]["kernel"])  # another seed
   # The evaluator is a whole CLIP folder with the same tokenizer.
-  evaluator = clip_loader.load(tmp_path / "clip_eval" / "model")
+  evaluator = clip_loader.load(workdir / "clip_eval" / "model")
   jax.tree.map(np.testing.assert_array_equal, evaluator.vision_params, clip_eval["vision"])
   prompts = ["grinning face", "flag: japan"]
   np.testing.assert_array_equal(evaluator.tokenizer(prompts), folder.tokenizer(prompts))
@@ -232,19 +233,73 @@ def test_the_chain_trains_the_parts_then_the_teacher_from_them(tmp_path):
   train = input_pipeline.source(config.data, "train")
   images = np.stack([train[i]["image"] for i in range(512)])
   np.testing.assert_allclose(np.std(np.asarray(folder.encode_image(images))), 1.0, rtol=1e-4)
-  metrics = json.loads((tmp_path / "autoencoder" / "metrics.json").read_text())
+  metrics = json.loads((workdir / "autoencoder" / "metrics.json").read_text())
   assert metrics["held_out_images"] == 392 and 0 < metrics["psnr_held_out"] < 60
+  # The latent cache holds the trained parts' encoding of the training split.
+  from distill.latent import cache  # pylint: disable=import-outside-toplevel
+  cached = cache.CachedSource(workdir)
+  assert len(cached) == len(train)
+  np.testing.assert_allclose(cached[7]["latents"], folder.encode_image(train[7]["image"][None])[0],
+                             atol=1e-5)
+  np.testing.assert_allclose(cached[7]["context"],
+                             folder.encode_prompt([train[7]["caption"]])[0], atol=1e-5)
   # The teacher: an ε-model on the scaled_linear schedule, trained from parts/unet.
   assert folder.prediction_type == "epsilon"
-  assert layout.workdir_config(tmp_path).teacher.pretrained == str(tmp_path / "parts")
+  assert layout.workdir_config(workdir).teacher.pretrained == str(workdir / "parts")
   teacher = final("teacher")
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), teacher, folder.unet_params)
   assert 0 < max(jax.tree.leaves(moved)) < 1.0
-  record = json.loads((tmp_path / "manifest.json").read_text())
-  assert {"autoencoder", "clip", "clip_eval", "teacher"} <= set(record["stages"])
-  before = (tmp_path / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns
-  pipeline.run(config, str(tmp_path))  # a rerun: everything is complete
-  assert (tmp_path / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns == before
+  record = json.loads((workdir / "manifest.json").read_text())
+  assert {"autoencoder", "clip", "clip_eval", "latent_cache", "teacher", "teacher_v",
+          "stage_one", "stage_two/N=1"} <= set(record["stages"])
+  before = (workdir / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns
+  pipeline.run(config, str(workdir))  # a rerun: everything is complete
+  assert (workdir / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns == before
+
+
+def test_the_report_scores_with_the_evaluator_clip(emoji_run):
+  """The eval stage of the emoji chain: FID on clip_eval's image features, its CLIP score of the
+  held-out captions, the autoencoder's PSNR, and the side-by-side picture of those captions."""
+  config, workdir = emoji_run
+  report = workdir / "report"
+  table = (report / "table.md").read_text()
+  assert f"with {workdir / 'clip_eval' / 'model'}" in table  # never the conditioning CLIP
+  metrics = json.loads((workdir / "autoencoder" / "metrics.json").read_text())
+  assert (f"autoencoder trained here: held-out PSNR {metrics['psnr_held_out']:.2f} dB over 392 "
+          "images") in table
+  with open(report / "table.csv") as f:
+    rows = {(r["method"], r["steps"]): r for r in csv.DictReader(f)}
+  assert set(rows) == {("teacher", "4"), ("ddim", "2"), ("dpm_solver", "3"), ("student", "1")}
+  for r in rows.values():
+    assert 0.0 <= float(r["clip_score_mean"]) <= 100.0 and float(r["fid_mean"]) > 0, r
+  from distill import input_pipeline  # pylint: disable=import-outside-toplevel
+  held_out = input_pipeline.source(config.data, "held_out")
+  with np.load(report / "heads" / "student_steps1_w4.npz") as head:
+    assert list(head["conditions"]) == [held_out[i]["caption"] for i in range(6)]
+  assert (report / "fid_clip_tradeoff.png").is_file()
+  assert (report / "side_by_side_w4.png").is_file()
+
+
+def test_prompts_to_images_through_the_cli(emoji_run, tmp_path):
+  """distill.sample --prompt / --prompts_file from another directory with a relative workdir:
+  the prompts in order, a row per w, images that depend on the prompt."""
+  _, workdir = emoji_run
+  (tmp_path / "prompts.txt").write_text("red heart\n\ncat face\n")
+  out = subprocess.run(
+      [sys.executable, "-m", "distill.sample", f"--workdir={os.path.relpath(workdir, tmp_path)}",
+       "--model=student", "--num_steps=1", "--prompt=rocket", "--prompts_file=prompts.txt",
+       "--w=2,8", "--out=samples"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with np.load(tmp_path / "samples" / "student1_deterministic_1steps_seed0.npz") as f:
+    assert f["images"].shape == (8, 16, 16, 3)  # decoded by the trained autoencoder
+    assert list(f["prompts"][:4]) == ["rocket", "red heart", "cat face", "rocket"]
+    assert list(f["w"]) == [2] * 4 + [8] * 4
+    assert np.isfinite(f["images"]).all()
+    assert not np.allclose(f["images"][0], f["images"][1])  # a prompt changes the image
+  with pytest.raises(ValueError, match="trained on image–caption data: pass --prompt"):
+    sample._main([f"--workdir={workdir}", "--model=student", "--num_steps=1",  # pylint: disable=protected-access
+                  f"--out={tmp_path / 'refused'}",
+                  f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
 
 
 def test_bad_parts_configs_give_one_line_errors(tmp_path):
@@ -261,4 +316,8 @@ def test_bad_parts_configs_give_one_line_errors(tmp_path):
   bad = load_config(f"{REPO / 'configs' / 'sd15.py'}:runlocal")
   bad.stages = "clip,teacher_v"
   with pytest.raises(ValueError, match="stages names clip, but the config trains no parts"):
+    config_validation.validate(bad, str(tmp_path), num_devices=1)
+  bad = load_config(f"{REPO / 'configs' / 'sd15.py'}:runlocal")  # no CLIP of its own
+  bad.data.name, bad.data.num_classes, bad.eval.clip_model = "emoji", 0, ""
+  with pytest.raises(ValueError, match=r"reports CLIP scores: pass --config\.eval\.clip_model"):
     config_validation.validate(bad, str(tmp_path), num_devices=1)

@@ -2,14 +2,12 @@
 
 On the tiny class-conditional fixture (cin256-like): a run killed with SIGKILL in stage one,
 from another directory with relative paths, then finished by the same command, ends with
-teacher_v's and stage one's parameters bit-identical to an uninterrupted run; a rerun trains nothing; a
-changed config is refused; ``distill.sample --labels`` decodes images. On the tiny SD-like
-fixture (text), on image–caption data: the chain runs, ``distill.sample --prompt`` decodes
-images of prompts, and the eval stage reports FID and CLIP score (the tiny CLIP fixture) on the
-held-out captions.
+teacher_v's and stage one's parameters bit-identical to an uninterrupted run; a rerun trains
+nothing; a changed config is refused; ``distill.sample --labels`` decodes images. The
+text-to-image chain (parts trained here, prompts → images, the eval stage with CLIP scores) is
+tested on the emoji run, tests/test_latent_parts.py.
 """
 
-import csv
 import json
 import logging
 import os
@@ -24,8 +22,6 @@ import pytest
 
 from distill import layout, pipeline, sample
 from distill.config_utils import load_config
-from PIL import Image
-from test_image_text import CAPTIONS, _image, _png  # small RGBA images with captions
 from test_pipeline import DRIVER  # the SIGKILL driver of the pixel chain's test
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -143,74 +139,3 @@ def test_cin_chain_killed_and_resumed_through_the_cli_is_bit_identical(tmp_path,
     sample._main([f"--workdir={workdir}", "--model=student", "--num_steps=1",  # pylint: disable=protected-access
                   "--prompt=a cat", f"--out={tmp_path / 'refused'}",
                   f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
-
-
-def test_sd_chain_on_captions_and_prompts_to_images(tmp_path):
-  """The SD-like chain through the CLI on image–caption data (a captions.jsonl folder), its
-  progress grid drawn from latent.sample_prompts; then prompts → decoded images."""
-  cwd = tmp_path / "elsewhere"
-  (cwd / "pairs").mkdir(parents=True)
-  lines = []
-  for i, caption in enumerate(CAPTIONS):
-    (cwd / "pairs" / f"{i}.png").write_bytes(_png(_image(i)))
-    lines.append(json.dumps({"file": f"{i}.png", "caption": caption}))
-  (cwd / "pairs" / "captions.jsonl").write_text("\n".join(lines))
-  data = dict(name="image_text", data_dir="pairs", num_classes=0, image_size=16, channels=3,
-              held_out=2)
-  batch = {f"{name}.batch_size": 4 for name in ("teacher_v", "stage_one", "stage_two")}
-  run = _cli(cwd, "sd15", "runs/sd", extra=[f"--config.data.{k}={v}" for k, v in data.items()]
-             + [f"--config.{k}={v}" for k, v in batch.items()])
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert re.search(r"stage_two/N=1 step 4/4", run.stderr)
-  grid = np.asarray(Image.open(cwd / "runs" / "sd" / "teacher_v" / "samples" /
-                               "step_00000004.png"))
-  # Two rows (teacher_v.sample_w = 0, 4) of the four latent.sample_prompts: 16-pixel tiles,
-  # 1-pixel pad, upscaled 4×.
-  assert grid.shape[:2] == ((2 * 17 + 1) * 4, (4 * 17 + 1) * 4)
-  (cwd / "prompts.txt").write_text("a handwritten digit three\n\na cat\n")
-  out = _sample(cwd, "runs/sd", "--model=student", "--num_steps=1", "--prompt=a dog",
-                "--prompts_file=prompts.txt", "--w=2,8", "--out=samples")
-  assert out.returncode == 0, out.stderr[-2000:]
-  with np.load(cwd / "samples" / "student1_deterministic_1steps_seed0.npz") as f:
-    assert f["images"].shape == (8, 16, 16, 3)  # decoded by the KL first stage
-    assert list(f["prompts"][:4]) == ["a dog", "a handwritten digit three", "a cat", "a dog"]
-    assert list(f["w"]) == [2] * 4 + [8] * 4
-    assert np.isfinite(f["images"]).all()
-    assert not np.allclose(f["images"][0], f["images"][1])  # a prompt changes the image
-  # The guided teacher, in this process: two branches per step on the folder's schedule.
-  loaded = sample.load_model(cwd / "runs" / "sd", "teacher")
-  x = sample.generate(loaded, sampler="deterministic", num_steps=2, prompts=["a cat", "a dog"],
-                      w=[0.0, 8.0], seed=0)
-  assert x.shape == (2, 16, 16, 3) and np.isfinite(x).all()
-  with pytest.raises(ValueError, match="trained on image–caption data: pass --prompt"):
-    sample._main([f"--workdir={cwd / 'runs' / 'sd'}", "--model=student", "--num_steps=1",  # pylint: disable=protected-access
-                  f"--out={tmp_path / 'refused'}",
-                  f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
-
-  # The eval stage on the finished chain, in this process: FID on the tiny CLIP's image
-  # features and the CLIP score of each sample with its held-out caption.
-  config = _config("sd15")
-  config.data.update(dict(data, data_dir=str(cwd / "pairs")))
-  for key, value in batch.items():
-    config[key.split(".")[0]].batch_size = value
-  config.stages = "eval"
-  with pytest.raises(ValueError, match="pass --config.eval.clip_model=FOLDER"):
-    pipeline.run(config, cwd / "runs" / "sd")
-  config.eval.update(dict(
-      features="clip", clip_model=str(REPO / "tests" / "fixtures" / "latent" / "clip-tiny"),
-      w_values=(4.0,), seeds=(0,), num_samples=10, teacher_steps=1, ddim_steps=(1,),
-      dpm_solver_steps=(3,), student_steps=(1,), samplers=("deterministic",), batch_size=10,
-      reference_samples=4, pr_samples=4))
-  pipeline.run(config, cwd / "runs" / "sd")
-  report = cwd / "runs" / "sd" / "report"
-  with open(report / "table.csv") as f:
-    rows = {(r["method"], r["steps"]): r for r in csv.DictReader(f)}
-  assert set(rows) == {("teacher", "1"), ("ddim", "1"), ("dpm_solver", "3"), ("student", "1")}
-  # 100·max(cos, 0) of random-weight embeddings: finite, in [0, 100].
-  for r in rows.values():
-    assert 0.0 <= float(r["clip_score_mean"]) <= 100.0 and float(r["fid_mean"]) > 0, r
-  cell = json.loads((report / "cells" / "student_steps1_w4_seed0.json").read_text())
-  assert cell["is"] is None and cell["class_accuracy"] is None  # CLIP features: no classes
-  table = (report / "table.md").read_text()
-  assert "FID / CLIP score" in table and "clip-tiny" in table
-  assert (report / "fid_clip_tradeoff.png").is_file()

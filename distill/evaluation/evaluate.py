@@ -173,13 +173,18 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
     logging.info("eval %s: %s (%.0f s; %s)", cell.key, ", ".join(shown), result["seconds"],
                  tracker.done(cell.key, result["seconds"]))
     if cell.seed == config.eval.seeds[0]:
+      name = f"{cell.method}_steps{cell.steps}_w{cell.w:g}"
       grid = images.grid(x[:100], rows=10) if len(x) >= 100 else images.grid(x, rows=1)
-      images.save_png(grid, out / "grids" / f"{cell.method}_steps{cell.steps}_w{cell.w:g}.png",
-                      scale=4)
+      images.save_png(grid, out / "grids" / f"{name}.png", scale=4)
+      report.save_head(out, name, x, conditions=prompts if captioned else
+                       [f"class {label}" for label in labels])
     files.write_atomic(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
   results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
   if clip is not None:
     info = dict(info, clip_model=str(config.eval.clip_model))
+  autoencoder = workdir / "autoencoder" / "metrics.json"  # a first stage trained here
+  if layout.trains_parts(config) and autoencoder.exists():
+    info = dict(info, autoencoder=json.loads(autoencoder.read_text()))
   report.write(out, results, config=config, floor=floor, extractor=info)
   return out
 

@@ -6,7 +6,10 @@
 * ``fid_vs_nfe.png``: FID against network evaluations, one curve per method, a panel per w
   (paper Fig. 2/4 style), with the teacher's reference and the real-vs-real floor;
 * ``fid_is_tradeoff.png``: FID against IS as w varies (paper Fig. 6 style), or
-  ``fid_clip_tradeoff.png``: FID against CLIP score as w varies (paper Fig. 10 style).
+  ``fid_clip_tradeoff.png``: FID against CLIP score as w varies (paper Fig. 10 style);
+* ``side_by_side_w<w>.png``: a row per prompt (or class) of the first seed's first
+  ``HEAD_SAMPLES`` samples, the teacher and each deterministic student in columns: every column
+  starts from the same noise (``sample.generate`` draws sample j's noise from the seed and j).
 
 The header of ``table.md`` states the command, config hash and git revision that produced it.
 """
@@ -23,7 +26,7 @@ import sys
 import numpy as np
 from etils import epath
 
-from distill import files, manifest
+from distill import files, images, manifest
 
 LABELS = {"teacher": "Teacher, guided DDIM", "ddim": "DDIM (teacher)",
           "dpm_solver": "DPM-Solver++ 2M (teacher)", "student": "Distilled, deterministic",
@@ -31,6 +34,16 @@ LABELS = {"teacher": "Teacher, guided DDIM", "ddim": "DDIM (teacher)",
 
 
 METRICS = ("fid", "is", "class_accuracy", "clip_score", "precision", "recall")
+HEAD_SAMPLES = 6  # samples per cell kept for the side-by-side picture
+
+
+def save_head(out, name: str, x, *, conditions) -> None:
+  """Keeps a cell's first ``HEAD_SAMPLES`` samples and their prompts or labels in
+  ``out/heads/<name>.npz`` for the side-by-side picture (cells computed in another run too)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, images=np.asarray(x[:HEAD_SAMPLES], np.float32),
+           conditions=np.asarray([str(c) for c in list(conditions)[:HEAD_SAMPLES]]))
+  files.write_atomic(epath.Path(out) / "heads" / f"{name}.npz", buffer.getvalue())
 
 
 def git_revision() -> str:
@@ -109,6 +122,10 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
          if "classifier_held_out_accuracy" in extractor else "")
       + (f"; CLIP score (100·max(cos, 0), averaged) with {extractor['clip_model']}"
          if "clip_model" in extractor else ""),
+      *([f"- autoencoder trained here: held-out PSNR "
+         f"{extractor['autoencoder']['psnr_held_out']:.2f} dB over "
+         f"{extractor['autoencoder']['held_out_images']} images"]
+        if "autoencoder" in extractor else []),
       f"- {config.eval.num_samples} samples per cell and seed, "
       + (f"{seeds} seeds (mean ± std)" if seeds > 1 else
          "1 seed (no spread: --config.eval.seeds=0,1,2 gives mean ± std over 3)")
@@ -137,6 +154,10 @@ def write(out, results: list[dict], *, config, floor: dict, extractor: dict) -> 
   files.write_atomic(out / "report.json", json.dumps(
       {"floor": floor, "extractor": extractor, "cells": results}, indent=1, sort_keys=True))
   _figures(out, agg, w_values, floor)
+  teacher_steps = int(config.eval.teacher_steps)
+  students = sorted({s for m, s, _ in agg if m == "student"}, reverse=True)
+  for w in w_values:
+    side_by_side(out, [("teacher", teacher_steps)] + [("student", s) for s in students], w=w)
 
 
 def _figures(out, agg, w_values, floor) -> None:
@@ -179,6 +200,46 @@ def _figures(out, agg, w_values, floor) -> None:
   fig.tight_layout()
   _save(fig, out / ("fid_clip_tradeoff.png" if other == "clip_score" else "fid_is_tradeoff.png"))
   plt.close("all")
+
+
+def side_by_side(out, columns, *, w: float) -> epath.Path | None:
+  """``out/side_by_side_w<w>.png`` from the saved heads of ``columns`` (``(method, steps)``):
+  a row per prompt, a column per model; ``None`` when the teacher's head is missing."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  out = epath.Path(out)
+  heads = []
+  for method, steps in columns:
+    path = out / "heads" / f"{method}_steps{steps}_w{w:g}.npz"
+    if path.exists():
+      with np.load(io.BytesIO(path.read_bytes())) as f:
+        heads.append((method, steps, f["images"], list(f["conditions"])))
+  if not heads or heads[0][0] != "teacher":
+    return None
+  rows = min(len(h[2]) for h in heads)
+  fig, axes = plt.subplots(rows, len(heads), figsize=(1.6 * len(heads) + 1.6, 1.6 * rows),
+                           squeeze=False)
+  for col, (method, steps, x, conditions) in enumerate(heads):
+    tiles = images.to_uint8(x[:rows])
+    for row in range(rows):
+      ax = axes[row][col]
+      ax.imshow(tiles[row][..., 0] if tiles.shape[-1] == 1 else tiles[row],
+                cmap="gray" if tiles.shape[-1] == 1 else None, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if col == 0:
+        ax.set_ylabel(conditions[row], fontsize=8, rotation=0, ha="right", va="center")
+    title = (f"teacher 2×{steps}" if method == "teacher" else
+             f"student, {steps} step{'s' * (steps > 1)}")
+    axes[0][col].set_title(title, fontsize=9)
+  fig.suptitle(f"w = {w:g}, the same noise in each row", fontsize=9)
+  fig.tight_layout()
+  path = out / f"side_by_side_w{w:g}.png"
+  _save(fig, path)
+  plt.close(fig)
+  return path
 
 
 def _save(fig, path) -> None:
