@@ -318,6 +318,6 @@ def test_bad_parts_configs_give_one_line_errors(tmp_path):
   with pytest.raises(ValueError, match="stages names clip, but the config trains no parts"):
     config_validation.validate(bad, str(tmp_path), num_devices=1)
   bad = load_config(f"{REPO / 'configs' / 'sd15.py'}:runlocal")  # no CLIP of its own
-  bad.data.name, bad.data.num_classes, bad.eval.clip_model = "emoji", 0, ""
+  bad.data.name, bad.data.num_classes, bad.stages = "emoji", 0, "teacher_v,eval"
   with pytest.raises(ValueError, match=r"reports CLIP scores: pass --config\.eval\.clip_model"):
     config_validation.validate(bad, str(tmp_path), num_devices=1)
