@@ -7,8 +7,6 @@ import csv
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -280,16 +278,17 @@ def test_the_report_scores_with_the_evaluator_clip(emoji_run):
   assert (report / "side_by_side_w4.png").is_file()
 
 
-def test_prompts_to_images_through_the_cli(emoji_run, tmp_path):
-  """distill.sample --prompt / --prompts_file from another directory with a relative workdir:
-  the prompts in order, a row per w, images that depend on the prompt."""
+def test_prompts_to_images_through_distill_sample(emoji_run, tmp_path, monkeypatch):
+  """distill.sample's command line (in this process) with --prompt and --prompts_file, run from
+  another directory with a relative workdir: the prompts in order, a row per w, images that
+  depend on the prompt."""
   _, workdir = emoji_run
   (tmp_path / "prompts.txt").write_text("red heart\n\ncat face\n")
-  out = subprocess.run(
-      [sys.executable, "-m", "distill.sample", f"--workdir={os.path.relpath(workdir, tmp_path)}",
-       "--model=student", "--num_steps=1", "--prompt=rocket", "--prompts_file=prompts.txt",
-       "--w=2,8", "--out=samples"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-2000:]
+  monkeypatch.chdir(tmp_path)
+  sample._main([f"--workdir={os.path.relpath(workdir, tmp_path)}", "--model=student",  # pylint: disable=protected-access
+                "--num_steps=1", "--prompt=rocket", "--prompts_file=prompts.txt", "--w=2,8",
+                "--out=samples",
+                f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
   with np.load(tmp_path / "samples" / "student1_deterministic_1steps_seed0.npz") as f:
     assert f["images"].shape == (8, 16, 16, 3)  # decoded by the trained autoencoder
     assert list(f["prompts"][:4]) == ["rocket", "red heart", "cat face", "rocket"]
