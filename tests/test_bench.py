@@ -178,3 +178,15 @@ def test_step_profile_quick(capsys):
   assert ours["counts"].get("dot", 0) > flax["counts"].get("dot", 0)
   out = capsys.readouterr().out
   assert "| distill.models.layers |" in out and "Thunk time by op kind" in out
+
+
+def test_side_by_side_on_the_emoji_run(emoji_run, tmp_path):
+  """README's text-to-image picture, on the session's emoji run: a smoke run (its rows are
+  the prompts; the columns' shared noise is checked on the report's heads, test_evaluation.py)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  _, workdir = emoji_run
+  out = _script("side_by_side").main([
+      f"--workdir={workdir}", "--w=4", "--teacher_steps=4", "--students=1",
+      "--prompt=red heart", "--prompt=rocket", f"--out={tmp_path / 'picture.png'}"])
+  # Two rows and two columns of 1.6-inch panels plus the label margin, at 110 dpi.
+  assert Image.open(out).size == (int(110 * 1.6 * 3), int(110 * 1.6 * 2))

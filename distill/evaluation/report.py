@@ -37,12 +37,12 @@ METRICS = ("fid", "is", "class_accuracy", "clip_score", "precision", "recall")
 HEAD_SAMPLES = 6  # samples per cell kept for the side-by-side picture
 
 
-def save_head(out, name: str, x, *, conditions) -> None:
-  """Keeps a cell's first ``HEAD_SAMPLES`` samples and their prompts or labels in
+def save_head(out, name: str, x, *, conditions, count: int = HEAD_SAMPLES) -> None:
+  """Keeps a cell's first ``count`` samples and their prompts or labels in
   ``out/heads/<name>.npz`` for the side-by-side picture (cells computed in another run too)."""
   buffer = io.BytesIO()
-  np.savez(buffer, images=np.asarray(x[:HEAD_SAMPLES], np.float32),
-           conditions=np.asarray([str(c) for c in list(conditions)[:HEAD_SAMPLES]]))
+  np.savez(buffer, images=np.asarray(x[:count], np.float32),
+           conditions=np.asarray([str(c) for c in list(conditions)[:count]]))
   files.write_atomic(epath.Path(out) / "heads" / f"{name}.npz", buffer.getvalue())
 
 
