@@ -70,7 +70,11 @@ def emoji_run(tmp_path_factory):
   config = load_config("emoji:runlocal")
   config.num_devices = 1
   config.stage_two.start_num_steps = 2  # one halving, 2 -> 1
-  config.eval.update(dict(w_values=(4.0,), num_samples=12, batch_size=12, student_steps=(1,)))
+  config.teacher_v.sample_every = config.teacher_v.num_train_steps  # a grid of sample_prompts
+  # The teacher's guided DDIM (at 4 steps), DPM-Solver++ and the student: DDIM at other step
+  # counts is the teacher's sampler again.
+  config.eval.update(dict(w_values=(4.0,), num_samples=12, batch_size=12, student_steps=(1,),
+                          ddim_steps=()))
   workdir = tmp_path_factory.mktemp("emoji_run")
   pipeline.run(config, str(workdir))
   return config, workdir
