@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 
@@ -45,19 +44,16 @@ def main(argv=None) -> pathlib.Path:
   count = len(conditions)
   columns = [("teacher", args.teacher_steps)] + [
       ("student", int(n)) for n in args.students.split(",") if n.strip()]
-  with tempfile.TemporaryDirectory() as tmp:
-    for method, steps in columns:
-      loaded = (sample.load_model(workdir, "teacher") if method == "teacher" else
-                sample.load_model(workdir, "student", num_steps=steps))
-      x = sample.generate(loaded, sampler="deterministic",
-                          num_steps=steps if method == "teacher" else None, labels=labels,
-                          prompts=prompts, w=np.full(count, args.w), seed=args.seed)
-      report.save_head(tmp, f"{method}_steps{steps}_w{args.w:g}", x, conditions=conditions,
-                       count=count)
-    picture = report.side_by_side(tmp, columns, w=args.w)
-    out = pathlib.Path(paths.resolve(args.out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(picture.read_bytes())
+  heads = []
+  for method, steps in columns:
+    loaded = (sample.load_model(workdir, "teacher") if method == "teacher" else
+              sample.load_model(workdir, "student", num_steps=steps))
+    x = sample.generate(loaded, sampler="deterministic",
+                        num_steps=steps if method == "teacher" else None, labels=labels,
+                        prompts=prompts, w=np.full(count, args.w), seed=args.seed)
+    heads.append((method, steps, x, conditions))
+  out = pathlib.Path(paths.resolve(args.out))
+  report.draw_side_by_side(heads, w=args.w, path=out)
   print(f"{out}: {count} rows, columns {', '.join(f'{m} {s}' for m, s in columns)}, w = {args.w:g}")
   return out
 

@@ -173,7 +173,7 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
     logging.info("eval %s: %s (%.0f s; %s)", cell.key, ", ".join(shown), result["seconds"],
                  tracker.done(cell.key, result["seconds"]))
     if cell.seed == config.eval.seeds[0]:
-      name = f"{cell.method}_steps{cell.steps}_w{cell.w:g}"
+      name = report.head_name(cell.method, cell.steps, cell.w)
       grid = images.grid(x[:100], rows=10) if len(x) >= 100 else images.grid(x, rows=1)
       images.save_png(grid, out / "grids" / f"{name}.png", scale=4)
       report.save_head(out, name, x, conditions=prompts if captioned else

@@ -37,12 +37,17 @@ METRICS = ("fid", "is", "class_accuracy", "clip_score", "precision", "recall")
 HEAD_SAMPLES = 6  # samples per cell kept for the side-by-side picture
 
 
-def save_head(out, name: str, x, *, conditions, count: int = HEAD_SAMPLES) -> None:
-  """Keeps a cell's first ``count`` samples and their prompts or labels in
+def head_name(method: str, steps: int, w: float) -> str:
+  """The name of a cell's grid (``grids/``) and head (``heads/``): the seed is the first one."""
+  return f"{method}_steps{steps}_w{w:g}"
+
+
+def save_head(out, name: str, x, *, conditions) -> None:
+  """Keeps a cell's first ``HEAD_SAMPLES`` samples and their prompts or labels in
   ``out/heads/<name>.npz`` for the side-by-side picture (cells computed in another run too)."""
   buffer = io.BytesIO()
-  np.savez(buffer, images=np.asarray(x[:count], np.float32),
-           conditions=np.asarray([str(c) for c in list(conditions)[:count]]))
+  np.savez(buffer, images=np.asarray(x[:HEAD_SAMPLES], np.float32),
+           conditions=np.asarray([str(c) for c in list(conditions)[:HEAD_SAMPLES]]))
   files.write_atomic(epath.Path(out) / "heads" / f"{name}.npz", buffer.getvalue())
 
 
@@ -203,21 +208,29 @@ def _figures(out, agg, w_values, floor) -> None:
 
 
 def side_by_side(out, columns, *, w: float) -> epath.Path | None:
-  """``out/side_by_side_w<w>.png`` from the saved heads of ``columns`` (``(method, steps)``):
-  a row per prompt, a column per model; ``None`` when the teacher's head is missing."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
+  """``out/side_by_side_w<w>.png`` from the saved heads of ``columns`` (``(method, steps)``);
+  ``None`` when the teacher's head is missing."""
   out = epath.Path(out)
   heads = []
   for method, steps in columns:
-    path = out / "heads" / f"{method}_steps{steps}_w{w:g}.npz"
+    path = out / "heads" / f"{head_name(method, steps, w)}.npz"
     if path.exists():
       with np.load(io.BytesIO(path.read_bytes())) as f:
         heads.append((method, steps, f["images"], list(f["conditions"])))
   if not heads or heads[0][0] != "teacher":
     return None
+  path = out / f"side_by_side_w{w:g}.png"
+  draw_side_by_side(heads, w=w, path=path)
+  return path
+
+
+def draw_side_by_side(heads, *, w: float, path) -> None:
+  """A row per prompt (or class) and a column per ``(method, steps, images, conditions)`` of
+  ``heads``, the first column's conditions as row labels; written to ``path``."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   rows = min(len(h[2]) for h in heads)
   fig, axes = plt.subplots(rows, len(heads), figsize=(1.6 * len(heads) + 1.6, 1.6 * rows),
                            squeeze=False)
@@ -236,10 +249,8 @@ def side_by_side(out, columns, *, w: float) -> epath.Path | None:
     axes[0][col].set_title(title, fontsize=9)
   fig.suptitle(f"w = {w:g}, the same noise in each row", fontsize=9)
   fig.tight_layout()
-  path = out / f"side_by_side_w{w:g}.png"
   _save(fig, path)
   plt.close(fig)
-  return path
 
 
 def _save(fig, path) -> None:
