@@ -1,7 +1,9 @@
 """Forward process, parameterisation conversions, DDIM steps and the N-step samplers.
 
 Samplers: DDIM (Eq. 2), the stochastic sampler (Eq. 4–7) and, as the baseline for the teacher,
-DPM-Solver++ (2M) (docs/design.md §1.13).
+DPM-Solver++ (2M) (docs/design.md §1.13). Each starts at ``t_start`` (1 for generation; an
+intermediate time for image-to-image editing, SDEdit) and takes a ``known_fn`` that puts a known
+region back after every step (inpainting by replacement; ``distill/editing.py``).
 
 Notation as in docs/design.md §1 and the paper: ``z_t = α_t x + σ_t ε``; the network predicts
 ``v = α ε − σ x``; ``λ`` is the log-SNR. Every function is pure and jit-able. ``logsnr``
@@ -116,59 +118,81 @@ def _batch_time(t, z):
   return jnp.full((z.shape[0],), t, dtype=jnp.float32)
 
 
-def sample_deterministic(denoise_fn: DenoiseFn, z1, num_steps: int, *,
-                         logsnr_fn=schedules.cosine_logsnr):
-  """Deterministic N-step DDIM sampler (Eq. 2 applied at ``t = i/N``, ``i = N … 1``).
+KnownFn = Callable[[jax.Array, "jax.Array | None"], jax.Array]
 
-  ``denoise_fn(z, t) -> x̂`` takes a batch-shaped ``t``. Returns the x-prediction of the last
-  step (the step to ``t = 0``). The loop is a ``lax.fori_loop``: the denoiser is traced once and
-  the whole sampler is one XLA program when jitted.
+
+def _start(t_start, known_fn):
+  t_start = jnp.asarray(t_start, jnp.float32)
+  if known_fn is None:
+    known_fn = lambda z, logsnr=None: z
+  return t_start, known_fn
+
+
+def sample_deterministic(denoise_fn: DenoiseFn, z1, num_steps: int, *,
+                         logsnr_fn=schedules.cosine_logsnr, t_start=1.0,
+                         known_fn: KnownFn | None = None):
+  """Deterministic N-step DDIM sampler (Eq. 2 applied at ``t = t_start·i/N``, ``i = N … 1``).
+
+  ``denoise_fn(z, t) -> x̂`` takes a batch-shaped ``t``. ``z1`` is the state at ``t_start``
+  (default 1: pure noise; image-to-image editing starts lower, see ``distill/editing.py``).
+  ``known_fn(z, λ)``, if given, is applied to every step's result at its log-SNR ``λ``, and
+  ``known_fn(x, None)`` to the returned sample (inpainting by replacement). Returns the
+  x-prediction of the last step (the step to ``t = 0``). The loop is a ``lax.fori_loop``: the
+  denoiser is traced once and the whole sampler is one XLA program when jitted; ``t_start`` may
+  be a traced scalar.
   """
   n = check_num_steps(num_steps)
   z1 = jnp.asarray(z1)
+  t_start, known_fn = _start(t_start, known_fn)
 
   def body(j, carry):
     z, _ = carry
     i = n - j
-    t = i / n
-    s = (i - 1) / n
+    t = t_start * i / n
+    s = t_start * (i - 1) / n
     x_pred = denoise_fn(z, _batch_time(t, z))
     z_s = ddim_step(z, x_pred, logsnr_fn(t), logsnr_fn(s))
-    return z_s, x_pred.astype(z.dtype)
+    return known_fn(z_s, logsnr_fn(s)).astype(z.dtype), x_pred.astype(z.dtype)
 
   _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1)))
-  return x
+  return known_fn(x, None)
 
 
 def sample_stochastic(denoise_fn: DenoiseFn, z1, num_steps: int, rng, *,
-                      logsnr_fn=schedules.cosine_logsnr):
+                      logsnr_fn=schedules.cosine_logsnr, t_start=1.0,
+                      known_fn: KnownFn | None = None):
   """N-step stochastic sampler (paper §3.3, Eq. 4–7).
 
-  From the current time ``c`` (starting at 1) take one deterministic DDIM step of length
-  ``2/N`` to ``k = c − 2/N`` (Eq. 4/6), then re-noise forward to ``s = c − 1/N`` (Eq. 5/7);
-  repeat from ``s``. At ``c = 1/N`` one deterministic step to 0 (Eq. 2), whose x-prediction is
-  returned. N network evaluations in all; ``num_steps = 1`` is the deterministic 1-step sampler.
-  The model is evaluated on the grid ``i/N`` and must jump ``2/N`` from each point of it (see
-  ``stage_two`` ``train_for_stochastic``).
+  With ``Δ = t_start/N``: from the current time ``c`` (starting at ``t_start``, default 1) take
+  one deterministic DDIM step of length ``2Δ`` to ``k = c − 2Δ`` (Eq. 4/6), then re-noise
+  forward to ``s = c − Δ`` (Eq. 5/7); repeat from ``s``. At ``c = Δ`` one deterministic step to
+  0 (Eq. 2), whose x-prediction is returned. N network evaluations in all; ``num_steps = 1`` is
+  the deterministic 1-step sampler. The model is evaluated on the grid ``i/N`` (for
+  ``t_start = 1``) and must jump ``2/N`` from each point of it (see ``stage_two``
+  ``train_for_stochastic``). ``known_fn`` as in ``sample_deterministic``, applied after each
+  re-noising.
   """
   n = check_num_steps(num_steps)
   z1 = jnp.asarray(z1)
+  t_start, known_fn = _start(t_start, known_fn)
+  delta = t_start / n
 
   def body(j, carry):
     z, _ = carry
-    c = (n - j) / n
-    # On the last iteration (c = 1/N) only the x-prediction is used: Eq. 2 to t = 0. The
+    c = t_start * (n - j) / n
+    # On the last iteration (c = Δ) only the x-prediction is used: Eq. 2 to t = 0. The
     # clipped times keep the unused update finite.
-    k = jnp.maximum(c - 2.0 / n, 0.0)
-    s = jnp.maximum(c - 1.0 / n, 0.0)
+    k = jnp.maximum(c - 2.0 * delta, 0.0)
+    s = jnp.maximum(c - delta, 0.0)
     x_pred = denoise_fn(z, _batch_time(c, z)).astype(z.dtype)
     lam_k, lam_s = logsnr_fn(k), logsnr_fn(s)
     z_k = ddim_step(z, x_pred, logsnr_fn(c), lam_k)
     eps = jax.random.normal(jax.random.fold_in(rng, j), z.shape, z.dtype)
-    return renoise(z_k, lam_k, lam_s, eps).astype(z.dtype), x_pred
+    z_s = known_fn(renoise(z_k, lam_k, lam_s, eps), lam_s)
+    return z_s.astype(z.dtype), x_pred
 
   _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1)))
-  return x
+  return known_fn(x, None)
 
 
 def dpm_solver_step(z_t, x_pred, logsnr_t, logsnr_s, *, x_prev=None, logsnr_prev=None):
@@ -191,9 +215,11 @@ def dpm_solver_step(z_t, x_pred, logsnr_t, logsnr_s, *, x_prev=None, logsnr_prev
 
 
 def sample_dpm_solver(denoise_fn: DenoiseFn, z1, num_steps: int, *,
-                      logsnr_fn=schedules.cosine_logsnr):
+                      logsnr_fn=schedules.cosine_logsnr, t_start=1.0,
+                      known_fn: KnownFn | None = None):
   """N-step DPM-Solver++ (2M), the multistep second-order solver of the probability-flow ODE in
-  data prediction (docs/design.md §1.13), on the grid ``t = i/N``, ``i = N … 0``.
+  data prediction (docs/design.md §1.13), on the grid ``t = t_start·i/N``, ``i = N … 0``
+  (``t_start`` and ``known_fn`` as in ``sample_deterministic``).
 
   The first step is first order (no previous prediction yet), and so is the last, to ``t = 0``,
   where ``σ`` is (nearly) zero and ``h`` jumps: the second-order extrapolation there multiplies
@@ -204,18 +230,20 @@ def sample_dpm_solver(denoise_fn: DenoiseFn, z1, num_steps: int, *,
   """
   n = check_num_steps(num_steps)
   z1 = jnp.asarray(z1)
+  t_start, known_fn = _start(t_start, known_fn)
 
   def body(j, carry):
     z, x_prev, _ = carry
     i = n - j
-    t, s, p = i / n, (i - 1) / n, jnp.minimum((i + 1) / n, 1.0)
+    t, s = t_start * i / n, t_start * (i - 1) / n
+    p = jnp.minimum(t_start * (i + 1) / n, 1.0)
     x_pred = denoise_fn(z, _batch_time(t, z)).astype(z.dtype)
     lam_t, lam_s = logsnr_fn(t), logsnr_fn(s)
     first = dpm_solver_step(z, x_pred, lam_t, lam_s)
     second = dpm_solver_step(z, x_pred, lam_t, lam_s, x_prev=x_prev, logsnr_prev=logsnr_fn(p))
     multistep = jnp.logical_and(j > 0, i > 1)
-    z_s = jnp.where(multistep, second, first).astype(z.dtype)
+    z_s = known_fn(jnp.where(multistep, second, first), lam_s).astype(z.dtype)
     return z_s, x_pred, x_pred
 
   _, _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1), jnp.zeros_like(z1)))
-  return x
+  return known_fn(x, None)

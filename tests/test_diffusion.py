@@ -69,27 +69,31 @@ def test_two_half_ddim_steps_equal_one_full_step():
   np.testing.assert_allclose(half, diffusion.ddim_step(z_t, x_hat, lt, ls), atol=1e-5)
 
 
+@pytest.mark.parametrize("t0", [1.0, 0.6])
 @pytest.mark.parametrize("n", [1, 3, 8])
-def test_deterministic_sampler_matches_literal_eq2_loop(z1, n):
+def test_deterministic_sampler_matches_literal_eq2_loop(z1, n, t0):
+  """From t0 = 1 (generation) or an intermediate t0 (image-to-image): the grid t0·i/N."""
   z = np.asarray(z1[:64], np.float64)
   for i in range(n, 0, -1):
-    t, s = i / n, (i - 1) / n
+    t, s = t0 * i / n, t0 * (i - 1) / n
     at, st, _ = _np_alpha_sigma(t)
     as_, ss, _ = _np_alpha_sigma(s)
     x = np_gaussian_denoiser(z, t)
     z = as_ * x + ss * (z - at * x) / st  # Eq. 2
-  got = _sampler("deterministic", n)(z1[:64])
+  got = jax.jit(lambda z: diffusion.sample_deterministic(gaussian_denoiser, z, n,
+                                                        t_start=t0))(z1[:64])
   np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("t0", [1.0, 0.6])
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
-def test_stochastic_sampler_matches_literal_eq4_to_7_loop(z1, n):
+def test_stochastic_sampler_matches_literal_eq4_to_7_loop(z1, n, t0):
   rng = jax.random.key(7)
   z = np.asarray(z1[:64], np.float64)
-  t = 1.0
+  t = t0
   j = 0
-  while t > 1.0 / n + 1e-9:  # Eq. 4–7 while t > 1/N
-    k, s = t - 2.0 / n, t - 1.0 / n
+  while t > t0 / n + 1e-9:  # Eq. 4–7 while t > t0/N
+    k, s = t - 2.0 * t0 / n, t - t0 / n
     at, st, _ = _np_alpha_sigma(t)
     ak, sk, lk = _np_alpha_sigma(k)
     as_, ss, ls = _np_alpha_sigma(s)
@@ -99,9 +103,10 @@ def test_stochastic_sampler_matches_literal_eq4_to_7_loop(z1, n):
     eps = np.asarray(jax.random.normal(jax.random.fold_in(rng, j), z.shape), np.float64)
     z = (as_ / ak) * z_k + sigma_s_given_k * eps
     t, j = s, j + 1
-  x = np_gaussian_denoiser(z, 1.0 / n)  # t = 1/N: deterministic Eq. 2 step to 0
+  x = np_gaussian_denoiser(z, t0 / n)  # t = t0/N: deterministic Eq. 2 step to 0
   assert j == n - 1
-  got = jax.jit(lambda z: diffusion.sample_stochastic(gaussian_denoiser, z, n, rng))(z1[:64])
+  got = jax.jit(lambda z: diffusion.sample_stochastic(gaussian_denoiser, z, n, rng,
+                                                      t_start=t0))(z1[:64])
   np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
 
 
@@ -151,15 +156,15 @@ def test_dpm_solver_first_order_step_is_the_ddim_step():
                              diffusion.ddim_step(z, x, lam_t, lam_s), rtol=1e-5, atol=1e-6)
 
 
-def _np_dpm_solver(z1, n):
+def _np_dpm_solver(z1, n, t0=1.0):
   """DPM-Solver++ (2M) written out in float64: ``h = (λ_s − λ_t)/2``,
   ``z_s = (σ_s/σ_t) z_t − α_s (e^{−h} − 1) D``, ``D = x̂`` at the first and the last step, else
   ``D = (1 + 1/(2r)) x̂ − x̂_prev/(2r)`` with ``r = h_prev/h``."""
   z, x_prev, h_prev = np.asarray(z1, np.float64), None, None
   for i in range(n, 0, -1):
-    _, sigma_t, lam_t = _np_alpha_sigma(i / n)
-    alpha_s, sigma_s, lam_s = _np_alpha_sigma((i - 1) / n)
-    x = np_gaussian_denoiser(z, i / n)
+    _, sigma_t, lam_t = _np_alpha_sigma(t0 * i / n)
+    alpha_s, sigma_s, lam_s = _np_alpha_sigma(t0 * (i - 1) / n)
+    x = np_gaussian_denoiser(z, t0 * i / n)
     h = (lam_s - lam_t) / 2
     d = x if x_prev is None or i == 1 else (1 + h / (2 * h_prev)) * x - h / (2 * h_prev) * x_prev
     z = sigma_s / sigma_t * z - alpha_s * (np.exp(-h) - 1) * d
@@ -167,10 +172,11 @@ def _np_dpm_solver(z1, n):
   return d
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 32])
-def test_dpm_solver_matches_literal_float64_loop(z1, n):
-  got = jax.jit(lambda z: diffusion.sample_dpm_solver(gaussian_denoiser, z, n))(z1[:256])
-  np.testing.assert_allclose(got, _np_dpm_solver(z1[:256], n), rtol=1e-4, atol=2e-4)
+@pytest.mark.parametrize("n,t0", [(1, 1.0), (2, 1.0), (3, 1.0), (8, 1.0), (32, 1.0), (8, 0.6)])
+def test_dpm_solver_matches_literal_float64_loop(z1, n, t0):
+  got = jax.jit(lambda z: diffusion.sample_dpm_solver(gaussian_denoiser, z, n,
+                                                      t_start=t0))(z1[:256])
+  np.testing.assert_allclose(got, _np_dpm_solver(z1[:256], n, t0), rtol=1e-4, atol=2e-4)
 
 
 def test_dpm_solver_lands_closer_to_the_flow_endpoint_than_ddim(z1):

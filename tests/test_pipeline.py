@@ -104,6 +104,8 @@ def _cli(cwd, workdir, *, stop_at=None, stop_how="kill", extra=()):
   config = os.path.relpath(REPO / "configs" / "digits.py", cwd)
   args = [f"--config={config}:runlocal", f"--workdir={workdir}", "--config.num_devices=-1",
           "--config.stages=teacher,stage_one,stage_two", *extra]
+  # No progress grids: they touch neither keys nor parameters, and the reference draws them.
+  args += [f"--config.{name}.sample_every=0" for name in ("teacher", "stage_one", "stage_two")]
   if stop_at:
     env.update(STOP_AT=stop_at, STOP_HOW=stop_how)
     cmd = [sys.executable, "-c", DRIVER, *args]
