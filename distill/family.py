@@ -51,6 +51,9 @@ class DenoiserFamily(Protocol):
   def x_and_cond(self, batch) -> tuple[jax.Array, Any]: ...
   def cond_from_labels(self, labels) -> Any: ...
   def decode(self, x): ...
+  def encode_images(self, images): ...  # NHWC in [−1, 1] → x (editing's source)
+  @property
+  def image_shape(self) -> tuple[int, ...]: ...  # HWC of decoded images
 
 
 FAMILIES = ("pixel", "latent")
@@ -102,6 +105,20 @@ class PixelFamily:
 
   def decode(self, x):
     return x
+
+  def encode_images(self, images):
+    """NHWC images in [−1, 1] at any size → x: resized to ``x_shape``."""
+    images = jnp.asarray(images, jnp.float32)
+    h, w, c = self.x_shape
+    if images.shape[-1] != c:
+      raise ValueError(f"images with {images.shape[-1]} channels for a model of {c}.")
+    if images.shape[1:3] != (h, w):
+      images = jax.image.resize(images, (images.shape[0], h, w, c), method="bilinear")
+    return images
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return self.x_shape
 
 
 def name_of(config) -> str:

@@ -9,6 +9,11 @@ weights, class labels (or, for a text-conditioned latent teacher, ``--prompt``s 
 ``--prompts_file``), a count and a seed, and writes a PNG grid (a row per w) and an ``.npz`` of
 the decoded samples (``images`` in [−1, 1], ``labels`` or ``prompts``, ``w``).
 
+Editing (``distill/editing.py``, docs/editing.md): ``--init_image=PATH --strength=s`` is
+image-to-image (SDEdit: the image noised to ``t0 = s``, then the deterministic steps from there;
+a student starts on its grid), and ``--mask=PATH`` (white: fill) inpaints, keeping the rest of the
+image. Each grid row then starts with the source.
+
 The library functions (``load_model``, ``generate``) serve the evaluation stage and notebooks.
 """
 
@@ -25,8 +30,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from distill import (cli, compilation_cache, denoiser, diffusion, family, images, layout, paths,
-                     sharding)
+from distill import (cli, compilation_cache, denoiser, diffusion, editing, family, images, layout,
+                     paths, sharding)
 
 MODELS = ("teacher", "stage_one", "student")
 SAMPLERS = ("deterministic", "stochastic", "dpm_solver")
@@ -104,29 +109,51 @@ def sampler_steps(loaded: LoadedModel, sampler: str, num_steps: int | None) -> i
 
 @functools.lru_cache(maxsize=32)
 def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
-  """One jitted ``run(params, z1, cond, w, key)`` per (family, sampler, steps): every cell and
-  batch of the same shape reuses its compilation. Returns the sampler's ``x`` (not decoded)."""
+  """One jitted ``run(params, z1, cond, w, key, edit=None)`` per (family, sampler, steps): every
+  cell and batch of the same shape reuses its compilation. Returns the sampler's ``x`` (not
+  decoded). ``edit`` (``distill/editing.py``), a dict: ``x`` (the source, encoded), ``t_start``
+  and ``keep`` (the kept region, or None): the run starts from ``x`` noised to ``t_start`` with
+  ``z1`` as the noise, and with ``keep`` it inpaints."""
   make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit
-  def run(params, z1, cond, w, key):
+  def run(params, z1, cond, w, key, edit=None):
     fn = make_fn(fam, params, cond, w)
+    start = dict(logsnr_fn=fam.logsnr_fn)
+    if edit is not None:
+      start["t_start"] = edit["t_start"]
+      if edit["keep"] is not None:
+        start["known_fn"] = editing.known_region(edit["x"], edit["keep"], z1)
+      z1 = editing.stochastic_encoding(edit["x"], z1, edit["t_start"], logsnr_fn=fam.logsnr_fn)
     if sampler == "deterministic":
-      return diffusion.sample_deterministic(fn, z1, steps, logsnr_fn=fam.logsnr_fn)
+      return diffusion.sample_deterministic(fn, z1, steps, **start)
     if sampler == "dpm_solver":
-      return diffusion.sample_dpm_solver(fn, z1, steps, logsnr_fn=fam.logsnr_fn)
-    return diffusion.sample_stochastic(fn, z1, steps, key, logsnr_fn=fam.logsnr_fn)
+      return diffusion.sample_dpm_solver(fn, z1, steps, **start)
+    return diffusion.sample_stochastic(fn, z1, steps, key, **start)
 
   return run
 
 
 def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
-  """``fn(z1, cond, w, key) -> images`` for one batch: the jitted sampler, then the family's
-  decoder (the identity for pixels, the first stage's decoder for latents)."""
+  """``fn(z1, cond, w, key, edit=None) -> images`` for one batch: the jitted sampler, then the
+  family's decoder (the identity for pixels, the first stage's decoder for latents)."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}.")
   run = _compiled_sampler(loaded.family, loaded.kind == "teacher", sampler, steps)
-  return lambda z1, cond, w, key: loaded.family.decode(run(loaded.params, z1, cond, w, key))
+  return lambda z1, cond, w, key, edit=None: loaded.family.decode(
+      run(loaded.params, z1, cond, w, key, edit))
+
+
+def edit_start(loaded: LoadedModel, sampler: str, num_steps: int | None,
+               strength: float) -> tuple[int, float]:
+  """``(steps, t_start)`` of an edit at ``strength`` (``distill/editing.py``): a stage-two
+  student starts at the nearest point of its grid and takes its own steps from there; the
+  teacher and stage one start at ``t_start = strength`` and take ``num_steps``."""
+  steps = sampler_steps(loaded, sampler, num_steps)
+  if loaded.kind == "student":
+    return editing.start_on_grid(strength, steps)
+  editing.start_on_grid(strength, steps)  # the same check of the strength
+  return steps, float(strength)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -136,7 +163,8 @@ def _noise(base, indices, shape):
 
 
 def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels=None, w,
-             seed: int, batch_size: int = 500, prompts=None) -> np.ndarray:
+             seed: int, batch_size: int = 500, prompts=None, source=None, fill_mask=None,
+             strength: float = 1.0) -> np.ndarray:
   """Samples for per-example ``labels`` (or ``prompts``, for a text-conditioned latent teacher)
   and ``w`` (arrays of one length), in batches; decoded images in about [−1, 1].
 
@@ -144,8 +172,16 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   does not depend on the batch size or on which other samples are drawn (the stochastic
   sampler's re-noising draws one key per batch). Each batch is split over ``loaded.mesh``
   (padded to a multiple of its size); the samples are those of one device, to float32 rounding.
+
+  Editing (``distill/editing.py``): with a ``source`` image (``[H, W, C]`` of
+  ``family.image_shape``, in [−1, 1]) every example edits it. ``strength`` is the start time
+  (image-to-image; ``edit_start``), and ``z_1`` is the noise of its stochastic encoding. With a
+  ``fill_mask`` (``[H, W]``, 1 = fill) the rest of the source is kept (inpainting by
+  replacement), and the returned images take the source's pixels there.
   """
   fam = loaded.family
+  if fill_mask is not None and source is None:
+    raise ValueError("a mask needs the source image it applies to (--init_image).")
   if prompts is not None:
     prompts = list(prompts)
     conds = lambda idx: fam.cond_from_prompts([prompts[i] for i in idx])
@@ -155,7 +191,21 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
     conds = lambda idx: fam.cond_from_labels(labels[idx])
     count = len(labels)
   w = np.broadcast_to(np.asarray(w, np.float32), (count,))
-  steps = sampler_steps(loaded, sampler, num_steps)
+  edit = None
+  if source is None:
+    steps = sampler_steps(loaded, sampler, num_steps)
+  else:
+    steps, t_start = edit_start(loaded, sampler, num_steps, strength)
+    source = np.asarray(source, np.float32)
+    if source.shape != tuple(fam.image_shape):
+      raise ValueError(f"the source image has shape {source.shape}; the model's images are "
+                       f"{tuple(fam.image_shape)}.")
+    x_source = fam.encode_images(source[None])
+    keep = None
+    if fill_mask is not None:
+      fill_mask = np.asarray(fill_mask, np.float32)
+      keep = editing.keep_at(fill_mask[None], x_source.shape)
+    edit = dict(x=x_source, keep=keep, t_start=jnp.float32(t_start))
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
   base = jax.random.key(seed)
@@ -168,11 +218,19 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
     idx = np.arange(start, min(start + batch_size, count))
     idx_p = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
     inputs = (_noise(base, jnp.asarray(idx_p), shape), conds(idx_p), jnp.asarray(w[idx_p]))
+    if edit is not None:  # the source (and its kept region) for every example of the batch
+      inputs += (jax.tree.map(lambda v: jnp.broadcast_to(v, (size,) + v.shape[1:]),
+                              {"x": edit["x"], "keep": edit["keep"]}),)
     if split is not None:
       inputs = jax.device_put(inputs, split)
-    x = run(*inputs, jax.random.fold_in(base, 2**30 + start))
+    if edit is not None:
+      inputs = inputs[:3] + (dict(inputs[3], t_start=edit["t_start"]),)
+    x = run(*inputs[:3], jax.random.fold_in(base, 2**30 + start), *inputs[3:])
     out.append(np.asarray(x)[:len(idx)])
-  return np.concatenate(out)
+  x = np.concatenate(out)
+  if fill_mask is not None:
+    x = np.asarray(editing.composite(x, source[None], fill_mask[None]))
+  return x
 
 
 def main(argv=None):
@@ -195,6 +253,15 @@ def _main(argv):
   parser.add_argument("--prompts_file", default="", help="a text file of prompts, one per line")
   parser.add_argument("--per_row", type=int, default=None,
                       help="samples per w (default 10, or the number of prompts, at least 4)")
+  parser.add_argument("--init_image", default="",
+                      help="edit this image (any size; resized): image-to-image from --strength, "
+                      "or inpainting with --mask")
+  parser.add_argument("--strength", type=float, default=None,
+                      help="the edit's start time t0 in (0, 1]: near 0 close to the source, 1 a "
+                      "new sample (default 0.75, or 1 with --mask); a student rounds it to its "
+                      "grid k/N and takes k steps")
+  parser.add_argument("--mask", default="",
+                      help="an image: white where --init_image is to be filled, black where kept")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/samples)")
   parser.add_argument("--compilation_cache_dir", default=None,
@@ -236,17 +303,52 @@ def _main(argv):
     row_labels = [row_labels[i % len(row_labels)] % classes for i in range(per_row)]
     extra["labels"] = np.tile(row_labels, len(w_values))
   w = np.repeat(w_values, per_row)
+  edit, kind = _edit_inputs(args, loaded)
+  if edit:
+    steps, t_start = edit_start(loaded, args.sampler, args.num_steps, edit["strength"])
+    logging.info("%s from t0 = %.4g (strength %s): %d steps", kind, t_start, edit["strength"],
+                 steps)
+  else:
+    steps = sampler_steps(loaded, args.sampler, args.num_steps)
   x = generate(loaded, sampler=args.sampler, num_steps=args.num_steps, w=w, seed=args.seed,
-               **extra)
-  steps = sampler_steps(loaded, args.sampler, args.num_steps)
+               **extra, **edit)
   out = epath.Path(args.out or epath.Path(args.workdir) / "samples")
-  name = f"{args.model}{loaded.num_steps or ''}_{args.sampler}_{steps}steps_seed{args.seed}"
-  images.save_png(images.grid(x, rows=len(w_values)), out / f"{name}.png", scale=4)
+  name = f"{args.model}{loaded.num_steps or ''}_{args.sampler}_{steps}steps"
+  tiles = x
+  if edit:  # each row starts with the source (its filled region grey)
+    name += f"_{kind}{edit['strength']:g}"
+    shown = edit["source"]
+    if "fill_mask" in edit:
+      shown = shown * (1.0 - edit["fill_mask"][..., None])  # 0: mid-grey in [−1, 1]
+    rows = x.reshape((len(w_values), per_row) + x.shape[1:])
+    tiles = np.concatenate([np.broadcast_to(shown, (len(w_values), 1) + shown.shape), rows],
+                           axis=1).reshape((-1,) + x.shape[1:])
+    extra.update(source=edit["source"], **({"mask": edit["fill_mask"]}
+                                           if "fill_mask" in edit else {}))
+  name += f"_seed{args.seed}"
+  images.save_png(images.grid(tiles, rows=len(w_values)), out / f"{name}.png", scale=4)
   out.mkdir(parents=True, exist_ok=True)
   with (out / f"{name}.npz").open("wb") as f:
     np.savez(f, images=x, w=w, **{k: np.asarray(v) for k, v in extra.items()})
   print(f"wrote {out / name}.png and .npz ({len(x)} samples, {evaluations(loaded, args.sampler, steps)} "
         "network evaluations each)")
+
+
+def _edit_inputs(args, loaded: LoadedModel) -> tuple[dict, str]:
+  """``generate``'s editing arguments from ``--init_image``, ``--mask`` and ``--strength``, and
+  the edit's name (``img2img`` or ``inpaint``); nothing without ``--init_image``."""
+  if not args.init_image:
+    if args.mask or args.strength is not None:
+      raise ValueError("--mask and --strength edit an image: pass --init_image=PATH as well.")
+    return {}, ""
+  h, w, c = loaded.family.image_shape
+  edit = {"source": editing.read_image(args.init_image, size=(h, w), channels=c)}
+  if args.mask:
+    edit["fill_mask"] = editing.read_mask(args.mask, size=(h, w))
+  edit["strength"] = (args.strength if args.strength is not None
+                      else 1.0 if args.mask else 0.75)
+  editing.start_on_grid(edit["strength"], 1)  # (0, 1], before anything compiles
+  return edit, "inpaint" if args.mask else "img2img"
 
 
 def _prompts(args) -> list[str]:

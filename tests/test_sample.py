@@ -1,6 +1,7 @@
 """The sampling CLI and its library functions on the tiny pipeline's workdir."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -104,3 +105,92 @@ def test_sampler_on_eight_cpu_devices_matches_one():
     out.append(np.asarray(sample.make_sampler(loaded, "deterministic", 12)(
         *inputs, jax.random.key(2))))
   np.testing.assert_allclose(out[0][rows], out[1], atol=1e-4)
+
+
+def _digit_files(directory):
+  """A digit from the embedded data set as a 32 x 32 PNG (the model's 8 x 8 after resizing), and
+  a mask that fills its right half."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  digit = load_digits().images[3]  # a "3", values 0..16
+  Image.fromarray((digit * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST).save(
+      directory / "digit.png")
+  mask = np.zeros((32, 32), np.uint8)
+  mask[:, 16:] = 255
+  Image.fromarray(mask).save(directory / "mask.png")
+
+
+def test_img2img_is_the_sampler_from_the_noised_source(tiny_pipeline, tmp_path, monkeypatch):
+  """Through the CLI, with paths relative to the working directory: a 4-step student at strength
+  0.75 takes 3 of its steps from the source noised to t0 = 3/4 with the noise of each example's
+  seed; the same computed here from the library's parts gives the same edits."""
+  from distill import denoiser, diffusion, editing  # pylint: disable=import-outside-toplevel
+  _digit_files(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  sample._main([f"--workdir={tiny_pipeline}", "--model=student", "--num_steps=4",  # pylint: disable=protected-access
+                "--init_image=digit.png", "--strength=0.75", "--labels=3", "--w=0,2",
+                "--per_row=2", "--out=edits"])
+  name = "student4_deterministic_3steps_img2img0.75_seed0"
+  with np.load(tmp_path / "edits" / f"{name}.npz") as f:
+    got, source = f["images"], f["source"]
+  assert got.shape == (4, 8, 8, 1) and source.shape == (8, 8, 1)
+  assert (tmp_path / "edits" / f"{name}.png").is_file()
+
+  loaded = sample.load_model(tiny_pipeline, "student", num_steps=4)
+  fam = loaded.family
+  eps = np.stack([jax.random.normal(jax.random.fold_in(jax.random.key(0), j), fam.x_shape)
+                  for j in range(4)])
+  want = []
+  for j, w in enumerate([0.0, 0.0, 2.0, 2.0]):
+    z = diffusion.diffuse(source[None], eps[j:j + 1], fam.logsnr_fn(0.75))
+    fn = denoiser.denoise_fn(fam, loaded.params, fam.cond_from_labels([3]), jnp.full((1,), w))
+    want.append(diffusion.sample_deterministic(fn, z, 3, t_start=0.75, logsnr_fn=fam.logsnr_fn))
+  np.testing.assert_allclose(got, np.concatenate(want), atol=2e-5)
+  # A gentle edit stays near the source, a strong one moves away from it.
+  near = sample.generate(loaded, sampler="deterministic", num_steps=4, labels=[3], w=[0.0],
+                         seed=0, source=source, strength=0.25)
+  far = sample.generate(loaded, sampler="deterministic", num_steps=4, labels=[3], w=[0.0],
+                        seed=0, source=source, strength=1.0)
+  assert np.abs(near - source).mean() < 0.5 * np.abs(far - source).mean()
+  assert editing.start_on_grid(0.25, 4) == (1, 0.25)
+
+
+def test_inpainting_keeps_the_source_outside_the_mask(tiny_pipeline, tmp_path):
+  _digit_files(tmp_path)
+  sample._main([f"--workdir={tiny_pipeline}", "--model=student", "--num_steps=2",  # pylint: disable=protected-access
+                f"--init_image={tmp_path / 'digit.png'}", f"--mask={tmp_path / 'mask.png'}",
+                "--labels=3,5", "--w=1", f"--out={tmp_path / 'out'}"])
+  with np.load(tmp_path / "out" / "student2_deterministic_2steps_inpaint1_seed0.npz") as f:
+    got, source, mask = f["images"], f["source"], f["mask"]
+  np.testing.assert_array_equal(mask, np.repeat([[0] * 4 + [1] * 4], 8, axis=0))
+  np.testing.assert_array_equal(got[:, :, :4], np.broadcast_to(source[:, :4], got[:, :, :4].shape))
+  assert np.abs(got[:, :, 4:] - source[:, 4:]).max() > 0.1  # the filled half is new
+  # The first example from the library's parts: the known half put back after every step.
+  from distill import denoiser, diffusion, editing  # pylint: disable=import-outside-toplevel
+  student = sample.load_model(tiny_pipeline, "student", num_steps=2)
+  fam = student.family
+  eps = jax.random.normal(jax.random.fold_in(jax.random.key(0), 0), (1,) + fam.x_shape)
+  keep = editing.keep_at(mask[None], eps.shape)
+  fn = denoiser.denoise_fn(fam, student.params, fam.cond_from_labels([3]), jnp.ones((1,)))
+  want = diffusion.sample_deterministic(
+      fn, diffusion.diffuse(source[None], eps, fam.logsnr_fn(1.0)), 2, logsnr_fn=fam.logsnr_fn,
+      known_fn=editing.known_region(source[None], keep, eps))
+  np.testing.assert_allclose(got[:1], want, atol=2e-5)
+  # The teacher with DPM-Solver++ inpaints too.
+  loaded = sample.load_model(tiny_pipeline, "teacher")
+  x = sample.generate(loaded, sampler="dpm_solver", num_steps=3, labels=[3], w=[1.0], seed=0,
+                      source=source, fill_mask=mask)
+  np.testing.assert_array_equal(x[0, :, :4], source[:, :4])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mask=m.png"], "--mask and --strength edit an image: pass --init_image"),
+    (["--init_image=missing.png"], "missing.png: no such image file"),
+    (["--init_image=digit.png", "--strength=1.5"], r"strength=1\.5 must be in \(0, 1\]"),
+])
+def test_editing_errors_are_one_line(tiny_pipeline, tmp_path, monkeypatch, args, message):
+  _digit_files(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit, match=message) as info:
+    sample.main([f"--workdir={tiny_pipeline}", "--num_steps=1", *args])
+  assert "\n" not in str(info.value)

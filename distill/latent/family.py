@@ -152,6 +152,13 @@ class LatentFamily:
     return self.models.encode_image(images)
 
   @property
+  def image_shape(self) -> tuple[int, ...]:
+    """HWC of the decoded images: the first stage's size and output channels."""
+    fs = self.models._first_stage()  # pylint: disable=protected-access
+    size = int(fs.sample_size)
+    return (size, size, int(getattr(fs, "out_channels", None) or fs.in_channels))
+
+  @property
   def _first_stage_input(self) -> tuple[int, int]:
     fs = self.models._first_stage()  # pylint: disable=protected-access
     return int(fs.sample_size), int(fs.in_channels)
