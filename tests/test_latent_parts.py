@@ -327,3 +327,50 @@ def test_bad_parts_configs_give_one_line_errors(tmp_path):
   bad.data.name, bad.data.num_classes, bad.stages = "emoji", 0, "teacher_v,eval"
   with pytest.raises(ValueError, match=r"reports CLIP scores: pass --config\.eval\.clip_model"):
     config_validation.validate(bad, str(tmp_path), num_devices=1)
+
+
+def test_text_guided_edits_of_an_emoji(emoji_run, tmp_path, monkeypatch):
+  """Image-to-image with a prompt through distill.sample (stage one at strength 0.5, 4 steps), and
+  inpainting with the one-step student: its known latent cells are put back after the step, and
+  the decoded image keeps the source's pixels outside the mask. The student's edit equals the
+  one computed here from the library's parts."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from distill import denoiser, diffusion, editing, input_pipeline  # pylint: disable=import-outside-toplevel
+  config, workdir = emoji_run
+  item = input_pipeline.source(config.data, "train")[3]
+  Image.fromarray(((np.asarray(item["image"]) + 1) * 127.5).round().astype(np.uint8)).save(
+      tmp_path / "source.png")
+  mask = np.zeros((16, 16), np.uint8)
+  mask[4:12, 4:12] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  monkeypatch.chdir(tmp_path)
+  cache = f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"
+  sample._main([f"--workdir={workdir}", "--model=stage_one", "--num_steps=4",  # pylint: disable=protected-access
+                "--init_image=source.png", "--strength=0.5", "--prompt=red heart", "--w=2",
+                "--per_row=2", "--out=edits", cache])
+  with np.load(tmp_path / "edits" / "stage_one_deterministic_4steps_img2img0.5_seed0.npz") as f:
+    assert f["images"].shape == (2, 16, 16, 3) and f["source"].shape == (16, 16, 3)
+    assert list(f["prompts"]) == ["red heart"] * 2 and np.isfinite(f["images"]).all()
+
+  sample._main([f"--workdir={workdir}", "--model=student", "--num_steps=1",  # pylint: disable=protected-access
+                "--init_image=source.png", "--mask=mask.png", "--prompt=red heart", "--w=4",
+                "--per_row=1", "--out=edits", cache])
+  with np.load(tmp_path / "edits" / "student1_deterministic_1steps_inpaint1_seed0.npz") as f:
+    got, source, fill = f["images"], f["source"], f["mask"]
+  kept = fill == 0
+  np.testing.assert_array_equal(got[0][kept], source[kept])
+  loaded = sample.load_model(workdir, "student", num_steps=1)
+  fam = loaded.family
+  x = fam.encode_images(source[None])
+  eps = jax.random.normal(jax.random.fold_in(jax.random.key(0), 0), x.shape)
+  keep = editing.keep_at(fill[None], x.shape)
+  assert x.shape == (1, 4, 4, 4) and float(keep.sum()) == 12  # the centre 2 x 2 of 4 x 4 cells
+  fn = denoiser.denoise_fn(fam, loaded.params, fam.cond_from_prompts(["red heart"]),
+                           jnp.full((1,), 4.0))
+  latents = diffusion.sample_deterministic(
+      fn, diffusion.diffuse(x, eps, fam.logsnr_fn(1.0)), 1, logsnr_fn=fam.logsnr_fn,
+      known_fn=editing.known_region(x, keep, eps))
+  np.testing.assert_array_equal(np.asarray(latents)[np.asarray(keep[..., 0]) > 0],
+                                np.asarray(x)[np.asarray(keep[..., 0]) > 0])
+  want = editing.composite(fam.decode(latents), source[None], fill[None])
+  np.testing.assert_allclose(got, want, atol=1e-4)
