@@ -174,10 +174,11 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   (padded to a multiple of its size); the samples are those of one device, to float32 rounding.
 
   Editing (``distill/editing.py``): with a ``source`` image (``[H, W, C]`` of
-  ``family.image_shape``, in [−1, 1]) every example edits it. ``strength`` is the start time
-  (image-to-image; ``edit_start``), and ``z_1`` is the noise of its stochastic encoding. With a
-  ``fill_mask`` (``[H, W]``, 1 = fill) the rest of the source is kept (inpainting by
-  replacement), and the returned images take the source's pixels there.
+  ``family.image_shape``, in [−1, 1], for every example, or ``[count, H, W, C]``, one each) the
+  examples edit it. ``strength`` is the start time (image-to-image; ``edit_start``), and ``z_1``
+  is the noise of its stochastic encoding. With a ``fill_mask`` (``[H, W]`` or ``[count, H, W]``,
+  1 = fill) the rest of the source is kept (inpainting by replacement), and the returned images
+  take the source's pixels there.
   """
   fam = loaded.family
   if fill_mask is not None and source is None:
@@ -196,16 +197,16 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
     steps = sampler_steps(loaded, sampler, num_steps)
   else:
     steps, t_start = edit_start(loaded, sampler, num_steps, strength)
+    image = tuple(fam.image_shape)
     source = np.asarray(source, np.float32)
-    if source.shape != tuple(fam.image_shape):
-      raise ValueError(f"the source image has shape {source.shape}; the model's images are "
-                       f"{tuple(fam.image_shape)}.")
-    x_source = fam.encode_images(source[None])
-    keep = None
+    source = np.broadcast_to(source, (count,) + image) if source.shape == image else source
+    if source.shape != (count,) + image:
+      raise ValueError(f"the source images have shape {source.shape}; the model's images are "
+                       f"{image}: pass one, or one per example ({count}).")
     if fill_mask is not None:
       fill_mask = np.asarray(fill_mask, np.float32)
-      keep = editing.keep_at(fill_mask[None], x_source.shape)
-    edit = dict(x=x_source, keep=keep, t_start=jnp.float32(t_start))
+      fill_mask = np.broadcast_to(fill_mask, (count,) + image[:2])
+    edit = {"t_start": jnp.float32(t_start)}
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
   base = jax.random.key(seed)
@@ -218,9 +219,10 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
     idx = np.arange(start, min(start + batch_size, count))
     idx_p = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
     inputs = (_noise(base, jnp.asarray(idx_p), shape), conds(idx_p), jnp.asarray(w[idx_p]))
-    if edit is not None:  # the source (and its kept region) for every example of the batch
-      inputs += (jax.tree.map(lambda v: jnp.broadcast_to(v, (size,) + v.shape[1:]),
-                              {"x": edit["x"], "keep": edit["keep"]}),)
+    if edit is not None:  # each example's source, encoded, and its kept region
+      x_source = fam.encode_images(source[idx_p])
+      keep = None if fill_mask is None else editing.keep_at(fill_mask[idx_p], x_source.shape)
+      inputs += ({"x": x_source, "keep": keep},)
     if split is not None:
       inputs = jax.device_put(inputs, split)
     if edit is not None:
@@ -229,7 +231,7 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
     out.append(np.asarray(x)[:len(idx)])
   x = np.concatenate(out)
   if fill_mask is not None:
-    x = np.asarray(editing.composite(x, source[None], fill_mask[None]))
+    x = np.asarray(editing.composite(x, source, fill_mask))
   return x
 
 

@@ -190,3 +190,26 @@ def test_side_by_side_on_the_emoji_run(emoji_run, tmp_path):
       "--prompt=red heart", "--prompt=rocket", f"--out={tmp_path / 'picture.png'}"])
   # Two rows and two columns of 1.6-inch panels plus the label margin, at 110 dpi.
   assert Image.open(out).size == (int(110 * 1.6 * 3), int(110 * 1.6 * 2))
+
+
+def test_editing_on_the_tiny_pipeline(tiny_pipeline, tmp_path, capsys):
+  """Image-to-image and inpainting measured on held-out digits: every method's rows, a 2-step
+  student from strength 0.5 takes one step from t0 = 1/2 and the teacher starts there too, the
+  kept region of every inpainted image is the source's exactly, and the figure has its six rows."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from distill import images  # pylint: disable=import-outside-toplevel
+  results = _script("editing").main([f"--workdir={tiny_pipeline}", "--num_sources=6",
+                                     "--students=2", "--teacher_steps=2", "--strength=0.6",
+                                     f"--out={tmp_path}"])
+  img2img, inpaint = results["img2img"], results["inpaint"]
+  assert [(r["method"], r["steps"], r["t_start"]) for r in img2img] == [
+      ("source (unedited)", 0, None), ("student 2", 1, 0.5), ("teacher 2x2", 2, 0.5)]
+  assert img2img[0]["rms_to_source"] == 0 and all(r["rms_to_source"] > 0 for r in img2img[1:])
+  assert all(0 <= r["class_share"] <= 1 and np.isfinite(r["fid"]) for r in img2img + inpaint)
+  assert [(r["method"], r["steps"]) for r in inpaint] == [("student 2", 2), ("teacher 2x2", 2)]
+  assert all(r["kept_max_change"] == 0 and r["rms_filled"] > 0 for r in inpaint)
+  with Image.open(tmp_path / "editing.png") as png:
+    want = images.grid(np.zeros((36, 8, 8, 1)), rows=6).shape
+    assert png.size == (want[1] * 4, want[0] * 4)
+  assert "Inpainting of the centre" in (tmp_path / "editing.md").read_text()
+  assert "share classified as target" in capsys.readouterr().out

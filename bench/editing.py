@@ -1,0 +1,182 @@
+"""Image-to-image and inpainting with the students of a finished workdir, measured.
+
+    python bench/editing.py --workdir=runs/emoji --strength=0.5 --w=2 --students=4,2 \\
+        --teacher_steps=64
+
+The sources are the held-out images (up to ``eval.num_samples``), each with its caption or class.
+
+- **Image-to-image** (SDEdit, ``distill/editing.py``): source ``j`` is edited toward the condition
+  of source ``j + 1`` (another caption; for classes, the next class), from the strength's point
+  on each student's grid. The teacher starts from the same ``t0`` with guided DDIM at
+  ``--teacher_steps`` steps (two evaluations each). Measured: FID against the training images
+  (the report's features), the CLIP score to the target caption with the evaluator CLIP (for
+  classes: the share classified as the target), and the RMS distance to the source in [−1, 1].
+  The unedited sources are the first row.
+- **Inpainting** (by replacement): the centre square (``--mask_fraction`` of the side) is filled
+  for the source's own condition from ``t0 = 1``. Measured: FID, the CLIP score to the own caption
+  (or the share classified as the own class), the largest change in the kept region (0: the
+  source's pixels are kept), and the RMS distance to the source in the filled square.
+
+Every method of a task starts from the same noise per example; ``editing.json`` also has each
+method's seconds. Writes ``editing.json``,
+``editing.md`` and ``editing.png`` (rows: source, image-to-image by the first student and by the
+teacher, the masked source, inpainting by the first student and by the teacher) to ``--out``
+(default ``WORKDIR/report/editing``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
+
+from distill import editing, images, input_pipeline, layout, paths, sample  # noqa: E402  pylint: disable=wrong-import-position
+from distill.evaluation import clip_score, features, metrics  # noqa: E402  pylint: disable=wrong-import-position
+from distill.latent import clip_loader  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _sources(config, limit: int):
+  held = input_pipeline.source(config.data, "held_out")
+  items = [held[i] for i in range(min(len(held), limit))]
+  x = np.stack([np.asarray(item["image"], np.float32) for item in items])
+  if input_pipeline.captioned(config.data):
+    return x, [str(item["caption"]) for item in items]
+  return x, np.asarray([int(item["label"]) for item in items])
+
+
+def _centre_mask(shape, fraction: float) -> np.ndarray:
+  h, w = shape
+  mh, mw = max(1, round(h * fraction)), max(1, round(w * fraction))
+  mask = np.zeros((h, w), np.float32)
+  mask[(h - mh) // 2:(h - mh) // 2 + mh, (w - mw) // 2:(w - mw) // 2 + mw] = 1.0
+  return mask
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--strength", type=float, default=0.5)
+  parser.add_argument("--w", type=float, default=2.0, help="the guidance weight")
+  parser.add_argument("--students", default="4,2", help="the students' step counts")
+  parser.add_argument("--teacher_steps", type=int, default=64)
+  parser.add_argument("--num_sources", type=int, default=None,
+                      help="held-out sources (default eval.num_samples)")
+  parser.add_argument("--mask_fraction", type=float, default=0.5)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+  workdir = paths.resolve(args.workdir)
+  config = paths.resolve_config(layout.workdir_config(workdir))
+  w = float(args.w)
+  out = pathlib.Path(paths.resolve(args.out) if args.out else
+                     pathlib.Path(workdir) / "report" / "editing")
+  out.mkdir(parents=True, exist_ok=True)
+
+  extract, info = features.make_extractor(config, workdir)
+  ref = features.real_stats(config, extract, "train", pathlib.Path(workdir) / "report")
+  captioned = input_pipeline.captioned(config.data)
+  clip = clip_loader.load(config.eval.clip_model) if captioned else None
+  teacher = sample.load_model(workdir, "teacher", config=config)
+  fam = teacher.family
+  x_src, conds = _sources(config, args.num_sources or int(config.eval.num_samples))
+  if x_src.shape[1:] != tuple(fam.image_shape):
+    raise SystemExit(f"held-out images {x_src.shape[1:]} are not the model's "
+                     f"{tuple(fam.image_shape)}.")
+  n = len(x_src)
+  targets = ([conds[(j + 1) % n] for j in range(n)] if captioned
+             else (conds + 1) % config.data.num_classes)
+  mask = _centre_mask(x_src.shape[1:3], args.mask_fraction)
+
+  def scores(x, cond):
+    feats, probs = extract(x)
+    stats = metrics.FeatureStats(feats.shape[1])
+    stats.update(feats)
+    row = {"fid": metrics.frechet_distance(stats.mean, stats.cov, ref[0], ref[1])}
+    if captioned:
+      row["clip_score"] = clip_score.clip_score(clip, x, cond)
+    else:
+      row["class_share"] = float(np.mean(np.argmax(probs, axis=1) == cond))
+    return row
+
+  def run(loaded, steps, cond, **edit):
+    key = "prompts" if captioned else "labels"
+    t0 = time.time()
+    x = sample.generate(loaded, sampler="deterministic", num_steps=steps, w=np.full(n, w),
+                        seed=args.seed, batch_size=int(config.eval.batch_size),
+                        **{key: cond}, **edit)
+    return x, time.time() - t0
+
+  students = [int(s) for s in args.students.split(",") if s.strip()]
+  models = [(f"student {k}", sample.load_model(workdir, "student", num_steps=k, config=config),
+             None) for k in students]
+  results = {"img2img": [], "inpaint": []}
+  shown = {}
+  # The teacher starts where the first student does (its grid point nearest the strength).
+  _, t_start = editing.start_on_grid(args.strength, students[0]) if students else (
+      None, args.strength)
+  results["img2img"].append(dict(method="source (unedited)", steps=0, t_start=None,
+                                 rms_to_source=0.0, seconds=0.0, **scores(x_src, targets)))
+  for name, loaded, steps in models + [(f"teacher 2x{args.teacher_steps}", teacher,
+                                        args.teacher_steps)]:
+    strength = t_start if loaded.kind == "teacher" else args.strength
+    k, t0 = sample.edit_start(loaded, "deterministic", steps, strength)
+    x, seconds = run(loaded, steps, targets, source=x_src, strength=strength)
+    rms = float(np.sqrt(np.mean((x - x_src) ** 2)))
+    results["img2img"].append(dict(method=name, steps=k, t_start=t0, rms_to_source=rms,
+                                   seconds=round(seconds, 1), **scores(x, targets)))
+    shown.setdefault("img2img", []).append(x[:8])
+    x, seconds = run(loaded, steps, conds, source=x_src, fill_mask=mask)
+    kept = mask == 0
+    results["inpaint"].append(dict(
+        method=name, steps=sample.edit_start(loaded, "deterministic", steps, 1.0)[0],
+        kept_max_change=float(np.abs(x - x_src)[:, kept].max()),
+        rms_filled=float(np.sqrt(np.mean((x - x_src)[:, ~kept] ** 2))),
+        seconds=round(seconds, 1), **scores(x, conds)))
+    shown.setdefault("inpaint", []).append(x[:8])
+    print(f"{name}: done", flush=True)
+
+  score = "clip_score" if captioned else "class_share"
+  score_name = ("CLIP score" if captioned else "share classified as")
+  lines = [f"Editing on {config.data.name}, w = {w:g}, {n} held-out sources, "
+           f"features: {info['features']}", "",
+           f"Image-to-image toward the next source's {'caption' if captioned else 'class'}, "
+           f"strength {args.strength:g}:", "",
+           f"| method | steps | t0 | FID | {score_name} target | RMS to source |",
+           "|---|---|---|---|---|---|"]
+  for r in results["img2img"]:
+    t0 = "" if r["t_start"] is None else f"{r['t_start']:.3g}"
+    lines.append(f"| {r['method']} | {r['steps']} | {t0} | {r['fid']:.2f} | {r[score]:.3f} | "
+                 f"{r['rms_to_source']:.3f} |")
+  lines += ["", f"Inpainting of the centre {args.mask_fraction:g} x {args.mask_fraction:g} "
+            "square for the source's own condition:", "",
+            f"| method | steps | FID | {score_name} own | largest change kept | "
+            "RMS filled to source |", "|---|---|---|---|---|---|"]
+  for r in results["inpaint"]:
+    lines.append(f"| {r['method']} | {r['steps']} | {r['fid']:.2f} | {r[score]:.3f} | "
+                 f"{r['kept_max_change']:.2g} | {r['rms_filled']:.3f} |")
+  table = "\n".join(lines) + "\n"
+  (out / "editing.md").write_text(table)
+  (out / "editing.json").write_text(json.dumps(dict(
+      results, w=w, strength=args.strength, num_sources=n, teacher_steps=args.teacher_steps,
+      mask_fraction=args.mask_fraction, features=info["features"]), indent=1) + "\n")
+  masked = x_src[:8] * (1.0 - mask[None, ..., None])
+  rows = [x_src[:8], shown["img2img"][0], shown["img2img"][-1], masked, shown["inpaint"][0],
+          shown["inpaint"][-1]]
+  images.save_png(images.grid(np.concatenate(rows), rows=len(rows)), out / "editing.png",
+                  scale=4)
+  print(table)
+  print(f"wrote {out}/editing.md, editing.json, editing.png (rows: source, image-to-image by "
+        f"{models[0][0] if models else 'teacher'} and the teacher, masked source, inpainting by "
+        "the same two)")
+  return results
+
+
+if __name__ == "__main__":
+  main()
