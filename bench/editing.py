@@ -1,6 +1,6 @@
 """Image-to-image and inpainting with the students of a finished workdir, measured.
 
-    python bench/editing.py --workdir=runs/emoji --strength=0.5 --w=2 --students=4,2 \\
+    python bench/editing.py --workdir=runs/emoji --strength=0.75 --w=2 --students=4,2 \\
         --teacher_steps=64
 
 The sources are the held-out images (up to ``eval.num_samples``), each with its caption or class.
@@ -62,7 +62,8 @@ def _centre_mask(shape, fraction: float) -> np.ndarray:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--strength", type=float, default=0.5)
+  parser.add_argument("--strength", type=float, default=0.75,
+                      help="image-to-image's start time (a 4-step student: 3 steps from 3/4)")
   parser.add_argument("--w", type=float, default=2.0, help="the guidance weight")
   parser.add_argument("--students", default="4,2", help="the students' step counts")
   parser.add_argument("--teacher_steps", type=int, default=64)
@@ -114,33 +115,47 @@ def main(argv=None) -> dict:
     return x, time.time() - t0
 
   students = [int(s) for s in args.students.split(",") if s.strip()]
-  models = [(f"student {k}", sample.load_model(workdir, "student", num_steps=k, config=config),
-             None) for k in students]
+  if not students:
+    raise SystemExit("--students: name at least one student's step count.")
+  models = [(f"student {k}", sample.load_model(workdir, "student", num_steps=k, config=config))
+            for k in students]
   results = {"img2img": [], "inpaint": []}
   shown = {}
   # The teacher starts where the first student does (its grid point nearest the strength).
-  _, t_start = editing.start_on_grid(args.strength, students[0]) if students else (
-      None, args.strength)
+  _, t_start = editing.start_on_grid(args.strength, students[0])
   results["img2img"].append(dict(method="source (unedited)", steps=0, t_start=None,
                                  rms_to_source=0.0, seconds=0.0, **scores(x_src, targets)))
-  for name, loaded, steps in models + [(f"teacher 2x{args.teacher_steps}", teacher,
-                                        args.teacher_steps)]:
-    strength = t_start if loaded.kind == "teacher" else args.strength
+  kept = mask == 0
+
+  def img2img(name, loaded, steps, strength):
     k, t0 = sample.edit_start(loaded, "deterministic", steps, strength)
     x, seconds = run(loaded, steps, targets, source=x_src, strength=strength)
-    rms = float(np.sqrt(np.mean((x - x_src) ** 2)))
-    results["img2img"].append(dict(method=name, steps=k, t_start=t0, rms_to_source=rms,
-                                   seconds=round(seconds, 1), **scores(x, targets)))
-    shown.setdefault("img2img", []).append(x[:8])
+    results["img2img"].append(dict(
+        method=name, steps=k, t_start=t0, rms_to_source=float(np.sqrt(np.mean((x - x_src) ** 2))),
+        seconds=round(seconds, 1), **scores(x, targets)))
+    return x, k, t0
+
+  def inpaint(name, loaded, steps):
     x, seconds = run(loaded, steps, conds, source=x_src, fill_mask=mask)
-    kept = mask == 0
     results["inpaint"].append(dict(
-        method=name, steps=sample.edit_start(loaded, "deterministic", steps, 1.0)[0],
+        method=name, steps=sample.sampler_steps(loaded, "deterministic", steps),
         kept_max_change=float(np.abs(x - x_src)[:, kept].max()),
         rms_filled=float(np.sqrt(np.mean((x - x_src)[:, ~kept] ** 2))),
         seconds=round(seconds, 1), **scores(x, conds)))
-    shown.setdefault("inpaint", []).append(x[:8])
+    return x
+
+  # Each student next to the teacher's guided DDIM at the same step count from the same t0: the
+  # sampler a user has without distillation, at twice the network evaluations.
+  for name, student in models:
+    x, k, t0 = img2img(name, student, None, args.strength)
+    img2img(f"DDIM 2x{k}", teacher, k, t0)
+    shown.setdefault("img2img", []).append(x[:8])
+    shown.setdefault("inpaint", []).append(inpaint(name, student, None)[:8])
+    inpaint(f"DDIM 2x{student.num_steps}", teacher, student.num_steps)
     print(f"{name}: done", flush=True)
+  name = f"teacher 2x{args.teacher_steps}"
+  shown["img2img"].append(img2img(name, teacher, args.teacher_steps, t_start)[0][:8])
+  shown["inpaint"].append(inpaint(name, teacher, args.teacher_steps)[:8])
 
   score = "clip_score" if captioned else "class_share"
   score_name = ("CLIP score" if captioned else "share classified as")

@@ -203,10 +203,12 @@ def test_editing_on_the_tiny_pipeline(tiny_pipeline, tmp_path, capsys):
                                      f"--out={tmp_path}"])
   img2img, inpaint = results["img2img"], results["inpaint"]
   assert [(r["method"], r["steps"], r["t_start"]) for r in img2img] == [
-      ("source (unedited)", 0, None), ("student 2", 1, 0.5), ("teacher 2x2", 2, 0.5)]
+      ("source (unedited)", 0, None), ("student 2", 1, 0.5), ("DDIM 2x1", 1, 0.5),
+      ("teacher 2x2", 2, 0.5)]
   assert img2img[0]["rms_to_source"] == 0 and all(r["rms_to_source"] > 0 for r in img2img[1:])
   assert all(0 <= r["class_share"] <= 1 and np.isfinite(r["fid"]) for r in img2img + inpaint)
-  assert [(r["method"], r["steps"]) for r in inpaint] == [("student 2", 2), ("teacher 2x2", 2)]
+  assert [(r["method"], r["steps"]) for r in inpaint] == [
+      ("student 2", 2), ("DDIM 2x2", 2), ("teacher 2x2", 2)]
   assert all(r["kept_max_change"] == 0 and r["rms_filled"] > 0 for r in inpaint)
   with Image.open(tmp_path / "editing.png") as png:
     want = images.grid(np.zeros((36, 8, 8, 1)), rows=6).shape
