@@ -374,3 +374,40 @@ def test_text_guided_edits_of_an_emoji(emoji_run, tmp_path, monkeypatch):
                                 np.asarray(x)[np.asarray(keep[..., 0]) > 0])
   want = editing.composite(fam.decode(latents), source[None], fill[None])
   np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_an_exported_student_samples_the_same_images_in_diffusers(emoji_run, tmp_path):
+  """distill.export writes the one-step student as a diffusers folder: its U-Net loads strictly,
+  and diffusers' own StableDiffusionPipeline (its DDIM scheduler from the folder, its guidance
+  embedding of guidance_scale − 1, its VAE decoder) turns the same noise and prompt context into
+  the images distill.sample draws from the workdir."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from distill import export as distill_export  # pylint: disable=import-outside-toplevel
+  config, workdir = emoji_run
+  out = tmp_path / "student1"
+  distill_export.main([f"--workdir={workdir}", "--model=student", "--num_steps=1",
+                       f"--out={out}"])
+  info = json.loads((out / "distill.json").read_text())
+  assert info["num_steps"] == 1 and info["timesteps"] == [999.0]
+  assert (info["w_min"], info["w_max"]) == (config.stage_one.w_min, config.stage_one.w_max)
+  unet_torch, loading = diffusers.UNet2DConditionModel.from_pretrained(
+      out, subfolder="unet", output_loading_info=True)
+  assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+  assert unet_torch.config.time_cond_proj_dim == info["w_embedding"]["dim"]
+
+  loaded = sample.load_model(workdir, "student", num_steps=1)
+  fam = loaded.family
+  prompts, w = ["red heart", "cat face"], 3.0
+  ours = sample.generate(loaded, sampler="deterministic", num_steps=None, prompts=prompts,
+                         w=np.full(2, w), seed=4)
+  z1 = np.stack([jax.random.normal(jax.random.fold_in(jax.random.key(4), j), fam.x_shape)
+                 for j in range(2)])
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+  for n in (1, 4):  # "trailing" timesteps: our grid k/N, as 1000·k/N − 1
+    pipe.scheduler.set_timesteps(n)
+    assert [int(t) for t in pipe.scheduler.timesteps] == [1000 * k // n - 1 for k in range(n, 0, -1)]
+  context = torch.from_numpy(np.array(fam.cond_from_prompts(prompts)))
+  theirs = pipe(prompt_embeds=context, latents=torch.from_numpy(z1.transpose(0, 3, 1, 2)),
+                num_inference_steps=1, guidance_scale=1.0 + w, output_type="np").images
+  np.testing.assert_allclose(theirs, np.clip((ours + 1) / 2, 0, 1), atol=2e-3)
