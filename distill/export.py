@@ -1,8 +1,10 @@
-"""A distilled latent student as a diffusers folder:
+"""A distilled student as a folder other code loads:
 ``python -m distill.export --workdir=DIR --model=student --num_steps=N --out=FOLDER``.
 
-The folder is the teacher's (``teacher.pretrained``: its first stage, text encoder and tokenizer
-or class embedder, copied) with
+A pixel student's folder holds its Flax parameters (``student.safetensors``), the run's config
+(``config.json``) and ``distill.json``. A latent student's is a diffusers folder: the teacher's
+(``teacher.pretrained``: its first stage, text encoder and tokenizer or class embedder, copied)
+with
 
 - ``unet/``: the student, a ``UNet2DConditionModel`` with ``time_cond_proj_dim`` (the
   w-embedding's width), float32, under diffusers' keys;
@@ -13,7 +15,8 @@ or class embedder, copied) with
   sampler does);
 - ``distill.json``: the step count, the w range, the embedding's formula and the timesteps.
 
-diffusers' ``StableDiffusionPipeline`` samples it as it is: for a U-Net with ``time_cond_proj_dim``
+``python -m distill.sample --pretrained=FOLDER`` samples either as from the workdir, and for a
+latent student diffusers' ``StableDiffusionPipeline`` samples it as it is: for a U-Net with ``time_cond_proj_dim``
 it embeds ``w = guidance_scale − 1`` with ``get_guidance_scale_embedding`` (our
 ``guidance_embedding``) and evaluates the U-Net once per step, so
 ``pipe(prompt, num_inference_steps=N, guidance_scale=1 + w)`` draws the student's samples
@@ -41,7 +44,13 @@ def student_info(loaded: sample.LoadedModel) -> dict:
   fam, cfg = loaded.family, loaded.config
   n = loaded.num_steps
   grid = None if n is None else [k / n for k in range(n, 0, -1)]
+  if fam.name != "latent":
+    return {"family": fam.name, "model": loaded.kind, "num_steps": n,
+            "w_min": float(cfg.stage_one.w_min), "w_max": float(cfg.stage_one.w_max),
+            "guidance": "x = (1 + w) x_cond - w x_uncond", "t_grid": grid,
+            "train_for_stochastic": bool(cfg.stage_two.train_for_stochastic)}
   return {
+      "family": fam.name,
       "model": loaded.kind,
       "num_steps": n,
       "w_min": float(cfg.stage_one.w_min), "w_max": float(cfg.stage_one.w_max),
@@ -55,15 +64,57 @@ def student_info(loaded: sample.LoadedModel) -> dict:
       "timesteps": None if grid is None else [
           float(np.asarray(fam.schedule.timestep(t))) for t in grid],
       "conditioning": fam.conditioning,
+      "num_classes": int(cfg.data.num_classes),
+      "prompt_template": str(cfg.latent.prompt_template),
+      "class_names": [str(n) for n in (cfg.latent.get("class_names") or ())],
+      "train_for_stochastic": bool(cfg.stage_two.train_for_stochastic),
   }
 
 
+PIXEL_FILE = "student.safetensors"
+
+
+def _flat(params, prefix=""):
+  out = {}
+  for key, value in params.items():
+    name = f"{prefix}{key}"
+    out.update(_flat(value, name + "/") if isinstance(value, dict) else {name: value})
+  return out
+
+
+def unflatten(tensors: dict) -> dict:
+  """``{"a/b/c": x}`` → ``{"a": {"b": {"c": x}}}``: the Flax tree of ``PIXEL_FILE``."""
+  tree = {}
+  for name, value in tensors.items():
+    *path, leaf = name.split("/")
+    node = tree
+    for part in path:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def export_pixel_student(loaded: sample.LoadedModel, out) -> epath.Path:
+  """A pixel student: ``student.safetensors`` (its Flax parameters, keys joined by ``/``),
+  ``config.json`` (the run's config, which builds the network) and ``distill.json``."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  def fill(staging):
+    tensors = {k: np.ascontiguousarray(np.asarray(v))
+               for k, v in _flat(jax.device_get(loaded.params)).items()}
+    save_file(tensors, str(staging / PIXEL_FILE))
+    (staging / "config.json").write_text(loaded.config.to_json_best_effort(indent=2) + "\n")
+    (staging / INFO).write_text(json.dumps(student_info(loaded), indent=2) + "\n")
+
+  return export_lib.write_atomically(out, fill)
+
+
 def export_student(loaded: sample.LoadedModel, out) -> epath.Path:
-  """Writes the folder (assembled beside ``out`` and renamed into place)."""
+  """Writes the folder (assembled beside ``out`` and renamed into place); a pixel student's
+  goes to ``export_pixel_student``."""
   fam = loaded.family
   if getattr(fam, "name", "") != "latent":
-    raise ValueError("distill.export writes diffusers folders of latent students; this workdir "
-                     "is a pixel-space chain.")
+    return export_pixel_student(loaded, out)
   src = epath.Path(fam.models.path)
 
   def fill(staging):
@@ -97,7 +148,7 @@ def _main(argv):
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog="python -m distill.export",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="a distill.main workdir (latent family)")
+  parser.add_argument("--workdir", required=True, help="a distill.main workdir")
   parser.add_argument("--model", default="student", choices=("student", "stage_one"))
   parser.add_argument("--num_steps", type=int, default=None, help="which student")
   parser.add_argument("--out", required=True, help="the folder to write")

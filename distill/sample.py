@@ -73,6 +73,38 @@ def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
                      num_steps if kind == "student" else None, mesh)
 
 
+def load_exported(folder, *, mesh=None) -> LoadedModel:
+  """A student folder written by ``distill.export`` (``distill.json`` beside its parts), as the
+  model it was exported from."""
+  import json  # pylint: disable=import-outside-toplevel
+  from distill.latent import family as latent_family  # pylint: disable=import-outside-toplevel
+  folder = epath.Path(paths.resolve(folder))
+  info_path = folder / "distill.json"
+  if not info_path.exists():
+    raise ValueError(f"--pretrained={folder}: no distill.json; pass a folder written by "
+                     "python -m distill.export (or --workdir for a training run).")
+  info = json.loads(info_path.read_text())
+  mesh = mesh or sharding.make_mesh(1)
+  if info.get("family") == "pixel":  # Flax parameters and the run's config
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    from distill import export  # pylint: disable=import-outside-toplevel
+    config = ml_collections.ConfigDict(json.loads((folder / "config.json").read_text()))
+    fam = family.of(config)
+    params = export.unflatten(load_file(str(folder / export.PIXEL_FILE)))
+  else:
+    fam = latent_family.from_exported(str(folder), conditioning=info["conditioning"],
+                                      num_classes=info["num_classes"],
+                                      prompt_template=info["prompt_template"],
+                                      class_names=tuple(info["class_names"]))
+    config = ml_collections.ConfigDict({
+        "stage_one": {"w_min": info["w_min"], "w_max": info["w_max"]},
+        "stage_two": {"train_for_stochastic": info["train_for_stochastic"]},
+        "data": {"num_classes": info["num_classes"]}})
+    params = fam.models.unet_params
+  params = jax.device_put(params, sharding.replicated(mesh))
+  return LoadedModel(info["model"], fam, params, config, info["num_steps"], mesh)
+
+
 def check_w(loaded: LoadedModel, w_values) -> None:
   if loaded.kind == "teacher":
     return
@@ -243,7 +275,9 @@ def _main(argv):
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog="python -m distill.sample", description=__doc__.split(
       "\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="a distill.main workdir")
+  parser.add_argument("--workdir", default="", help="a distill.main workdir")
+  parser.add_argument("--pretrained", default="",
+                      help="instead of --workdir: a student folder written by distill.export")
   parser.add_argument("--model", default="student", choices=MODELS)
   parser.add_argument("--num_steps", type=int, default=None,
                       help="student: which student; teacher/stage_one: the sampler's steps")
@@ -272,6 +306,9 @@ def _main(argv):
   args = parser.parse_args(argv)
   compilation_cache.enable(compilation_cache.default_directory()
                            if args.compilation_cache_dir is None else args.compilation_cache_dir)
+  if bool(args.workdir) == bool(args.pretrained):
+    raise ValueError("pass --workdir=DIR (a training run) or --pretrained=FOLDER (an exported "
+                     "student), one of them.")
   args.workdir, args.out = paths.resolve(args.workdir), paths.resolve(args.out)
   prompts = _prompts(args)
   if prompts and args.labels:
@@ -280,7 +317,12 @@ def _main(argv):
     raise ValueError(f"--per_row={args.per_row} must be >= 1.")
 
   w_values = [float(v) for v in args.w.split(",") if v.strip()]
-  loaded = load_model(args.workdir, args.model, num_steps=args.num_steps)
+  if args.pretrained:
+    loaded = load_exported(args.pretrained)
+    args.workdir, args.model = paths.resolve(args.pretrained), loaded.kind
+    args.num_steps = args.num_steps if loaded.num_steps is None else loaded.num_steps
+  else:
+    loaded = load_model(args.workdir, args.model, num_steps=args.num_steps)
   if prompts and not hasattr(loaded.family, "cond_from_prompts"):
     raise ValueError(f"--prompt: the model in {args.workdir} is class-conditional "
                      f"({loaded.family.name} family); pass --labels instead.")

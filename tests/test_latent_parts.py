@@ -380,7 +380,7 @@ def test_an_exported_student_samples_the_same_images_in_diffusers(emoji_run, tmp
   """distill.export writes the one-step student as a diffusers folder: its U-Net loads strictly,
   and diffusers' own StableDiffusionPipeline (its DDIM scheduler from the folder, its guidance
   embedding of guidance_scale − 1, its VAE decoder) turns the same noise and prompt context into
-  the images distill.sample draws from the workdir."""
+  the images distill.sample draws from the workdir; so does distill.sample --pretrained."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   from distill import export as distill_export  # pylint: disable=import-outside-toplevel
@@ -411,3 +411,11 @@ def test_an_exported_student_samples_the_same_images_in_diffusers(emoji_run, tmp
   theirs = pipe(prompt_embeds=context, latents=torch.from_numpy(z1.transpose(0, 3, 1, 2)),
                 num_inference_steps=1, guidance_scale=1.0 + w, output_type="np").images
   np.testing.assert_allclose(theirs, np.clip((ours + 1) / 2, 0, 1), atol=2e-3)
+  # distill.sample reads the folder back: the workdir's images.
+  sample._main([f"--pretrained={out}", "--prompt=red heart", "--prompt=cat face", "--w=3",  # pylint: disable=protected-access
+                "--seed=4", f"--out={tmp_path / 'again'}",
+                f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
+  with np.load(tmp_path / "again" / "student1_deterministic_1steps_seed4.npz") as f:
+    np.testing.assert_allclose(f["images"][:2], ours, atol=1e-5)
+  with pytest.raises(ValueError, match="no distill.json; pass a folder written by"):
+    sample._main([f"--pretrained={workdir / 'parts'}", "--prompt=a", f"--out={tmp_path}"])  # pylint: disable=protected-access

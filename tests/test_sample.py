@@ -1,5 +1,7 @@
 """The sampling CLI and its library functions on the tiny pipeline's workdir."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,3 +196,27 @@ def test_editing_errors_are_one_line(tiny_pipeline, tmp_path, monkeypatch, args,
   with pytest.raises(SystemExit, match=message) as info:
     sample.main([f"--workdir={tiny_pipeline}", "--num_steps=1", *args])
   assert "\n" not in str(info.value)
+
+
+def test_an_exported_pixel_student_samples_as_in_its_workdir(tiny_pipeline, tmp_path):
+  """distill.export writes a pixel student's Flax parameters, config and distill.json;
+  distill.sample --pretrained draws the workdir's samples from it, bit for bit."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from distill import export  # pylint: disable=import-outside-toplevel
+  export.main([f"--workdir={tiny_pipeline}", "--model=student", "--num_steps=2",
+               f"--out={tmp_path / 'student2'}"])
+  info = json.loads((tmp_path / "student2" / "distill.json").read_text())
+  assert (info["family"], info["model"], info["num_steps"]) == ("pixel", "student", 2)
+  assert info["t_grid"] == [1.0, 0.5] and (info["w_min"], info["w_max"]) == (0.0, 4.0)
+  loaded = sample.load_model(tiny_pipeline, "student", num_steps=2)
+  flat = load_file(str(tmp_path / "student2" / export.PIXEL_FILE))
+  assert len(flat) == len(jax.tree.leaves(loaded.params))
+  sample.main([f"--pretrained={tmp_path / 'student2'}", "--w=0,2", "--per_row=3",
+               f"--out={tmp_path / 'a'}"])
+  sample.main([f"--workdir={tiny_pipeline}", "--model=student", "--num_steps=2", "--w=0,2",
+               "--per_row=3", f"--out={tmp_path / 'b'}"])
+  name = "student2_deterministic_2steps_seed0.npz"
+  with np.load(tmp_path / "a" / name) as a, np.load(tmp_path / "b" / name) as b:
+    np.testing.assert_array_equal(a["images"], b["images"])
+  with pytest.raises(SystemExit, match="pass --workdir=DIR .* or --pretrained=FOLDER"):
+    sample.main([f"--workdir={tiny_pipeline}", f"--pretrained={tmp_path / 'student2'}"])

@@ -242,11 +242,17 @@ def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple
   check_folder(path, conditioning)
   models = pretrained.load_pretrained(path, shapes_only=shapes_only)
   cfg = models.unet.config
-  if cfg.time_cond_proj_dim is not None:
+  if w_dim is None:  # a student written by distill.export: its U-Net is the student
+    if cfg.time_cond_proj_dim is None:
+      raise ValueError(f"{path}: its U-Net has no time_cond_proj_dim; it is not a student "
+                       "written by distill.export.")
+    student = models.unet
+  elif cfg.time_cond_proj_dim is not None:
     raise ValueError(f"teacher.pretrained={path}: its U-Net already has time_cond_proj_dim="
                      f"{cfg.time_cond_proj_dim}; the teacher must be a guided (two-branch) model.")
-  student = unet.UNet2DConditionModel(dataclasses.replace(cfg, time_cond_proj_dim=w_dim),
-                                      dtype=models.unet.dtype, remat=models.unet.remat)
+  else:
+    student = unet.UNet2DConditionModel(dataclasses.replace(cfg, time_cond_proj_dim=w_dim),
+                                        dtype=models.unet.dtype, remat=models.unet.remat)
   table = _context_table(models, conditioning=conditioning, prompt_template=prompt_template,
                          class_names=class_names, num_classes=num_classes,
                          shapes_only=shapes_only)
@@ -267,6 +273,14 @@ def _shape_probe(models):
         {"params": p}, x, method=vae.AutoencoderKL.encode)[0], models.vae_params, images)
   return jax.eval_shape(lambda p, x: models.vqvae.apply(
       {"params": p}, x, method=vae.VQModel.encode), models.vqvae_params, images)
+
+
+def from_exported(path: str, *, conditioning: str, num_classes: int,
+                  prompt_template: str = "{label}", class_names: tuple = ()) -> LatentFamily:
+  """The family of a student folder written by ``distill.export``: ``student`` (and
+  ``teacher``) are its U-Net, with the w-embedding; its parameters are ``models.unet_params``."""
+  return _load(str(path), conditioning, prompt_template, tuple(class_names), int(num_classes),
+               None, True, False)
 
 
 def from_config(config, *, shapes_only: bool = False) -> LatentFamily:
