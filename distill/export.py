@@ -15,10 +15,10 @@ with
   sampler does);
 - ``distill.json``: the step count, the w range, the embedding's formula and the timesteps.
 
-``python -m distill.sample --pretrained=FOLDER`` samples either as from the workdir, and for a
-latent student diffusers' ``StableDiffusionPipeline`` samples it as it is: for a U-Net with ``time_cond_proj_dim``
-it embeds ``w = guidance_scale − 1`` with ``get_guidance_scale_embedding`` (our
-``guidance_embedding``) and evaluates the U-Net once per step, so
+``python -m distill.sample --pretrained=FOLDER`` samples either as from the workdir. diffusers'
+``StableDiffusionPipeline`` samples a latent student's folder as it is: for a U-Net with
+``time_cond_proj_dim`` it embeds ``w = guidance_scale − 1`` with ``get_guidance_scale_embedding``
+(our ``guidance_embedding``) and evaluates the U-Net once per step, so
 ``pipe(prompt, num_inference_steps=N, guidance_scale=1 + w)`` draws the student's samples
 (docs/latent.md, "Export to diffusers").
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -78,7 +79,7 @@ def _flat(params, prefix=""):
   out = {}
   for key, value in params.items():
     name = f"{prefix}{key}"
-    out.update(_flat(value, name + "/") if isinstance(value, dict) else {name: value})
+    out.update(_flat(value, name + "/") if isinstance(value, Mapping) else {name: value})
   return out
 
 
