@@ -38,7 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
 
 from distill import editing, images, input_pipeline, layout, paths, sample  # noqa: E402  pylint: disable=wrong-import-position
-from distill.evaluation import clip_score, features, metrics  # noqa: E402  pylint: disable=wrong-import-position
+from distill.evaluation import evaluate, features  # noqa: E402  pylint: disable=wrong-import-position
 from distill.latent import clip_loader  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -95,16 +95,17 @@ def main(argv=None) -> dict:
              else (conds + 1) % config.data.num_classes)
   mask = _centre_mask(x_src.shape[1:3], args.mask_fraction)
 
+  real = features.real_features(config, extract, "train", config.eval.pr_samples)
+
   def scores(x, cond):
-    feats, probs = extract(x)
-    stats = metrics.FeatureStats(feats.shape[1])
-    stats.update(feats)
-    row = {"fid": metrics.frechet_distance(stats.mean, stats.cov, ref[0], ref[1])}
+    """The eval stage's metrics of a cell (``evaluate.cell_metrics``), toward ``cond``."""
+    m = evaluate.cell_metrics(extract, x, None if captioned else cond, ref, real,
+                              pr_samples=int(config.eval.pr_samples),
+                              class_accuracy=not captioned, clip=clip,
+                              prompts=cond if captioned else None)
     if captioned:
-      row["clip_score"] = clip_score.clip_score(clip, x, cond)
-    else:
-      row["class_share"] = float(np.mean(np.argmax(probs, axis=1) == cond))
-    return row
+      return {"fid": m["fid"], "clip_score": m["clip_score"]}
+    return {"fid": m["fid"], "class_share": m["class_accuracy"]}
 
   def run(loaded, steps, cond, **edit):
     key = "prompts" if captioned else "labels"

@@ -28,11 +28,16 @@ import numpy as np
 from distill import diffusion
 
 
+def check_strength(strength: float) -> float:
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength={strength} must be in (0, 1]: the start time t0 of the edit.")
+  return float(strength)
+
+
 def start_on_grid(strength: float, grid_steps: int) -> tuple[int, float]:
   """``(k, k/N)``: the point of a student's grid ``i/N`` nearest to ``strength`` (at least the
   first, ``1/N``) and the number of its steps from there to 0."""
-  if not 0.0 < strength <= 1.0:
-    raise ValueError(f"strength={strength} must be in (0, 1]: the start time t0 of the edit.")
+  check_strength(strength)
   k = min(max(int(np.floor(strength * grid_steps + 0.5)), 1), grid_steps)
   return k, k / grid_steps
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping
 
 import jax
 import numpy as np
 from etils import epath
+from flax import traverse_util
 
 from distill import cli, paths, sample
 from distill.latent import export as export_lib
@@ -75,24 +75,9 @@ def student_info(loaded: sample.LoadedModel) -> dict:
 PIXEL_FILE = "student.safetensors"
 
 
-def _flat(params, prefix=""):
-  out = {}
-  for key, value in params.items():
-    name = f"{prefix}{key}"
-    out.update(_flat(value, name + "/") if isinstance(value, Mapping) else {name: value})
-  return out
-
-
 def unflatten(tensors: dict) -> dict:
   """``{"a/b/c": x}`` → ``{"a": {"b": {"c": x}}}``: the Flax tree of ``PIXEL_FILE``."""
-  tree = {}
-  for name, value in tensors.items():
-    *path, leaf = name.split("/")
-    node = tree
-    for part in path:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(tensors, sep="/")
 
 
 def export_pixel_student(loaded: sample.LoadedModel, out) -> epath.Path:
@@ -102,7 +87,8 @@ def export_pixel_student(loaded: sample.LoadedModel, out) -> epath.Path:
 
   def fill(staging):
     tensors = {k: np.ascontiguousarray(np.asarray(v))
-               for k, v in _flat(jax.device_get(loaded.params)).items()}
+               for k, v in traverse_util.flatten_dict(jax.device_get(loaded.params),
+                                                      sep="/").items()}
     save_file(tensors, str(staging / PIXEL_FILE))
     (staging / "config.json").write_text(loaded.config.to_json_best_effort(indent=2) + "\n")
     (staging / INFO).write_text(json.dumps(student_info(loaded), indent=2) + "\n")

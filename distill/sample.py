@@ -184,8 +184,7 @@ def edit_start(loaded: LoadedModel, sampler: str, num_steps: int | None,
   steps = sampler_steps(loaded, sampler, num_steps)
   if loaded.kind == "student":
     return editing.start_on_grid(strength, steps)
-  editing.start_on_grid(strength, steps)  # the same check of the strength
-  return steps, float(strength)
+  return steps, editing.check_strength(strength)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -391,7 +390,7 @@ def _edit_inputs(args, loaded: LoadedModel) -> tuple[dict, str]:
     edit["fill_mask"] = editing.read_mask(args.mask, size=(h, w))
   edit["strength"] = (args.strength if args.strength is not None
                       else 1.0 if args.mask else 0.75)
-  editing.start_on_grid(edit["strength"], 1)  # (0, 1], before anything compiles
+  editing.check_strength(edit["strength"])  # before anything compiles
   return edit, "inpaint" if args.mask else "img2img"
 
 
