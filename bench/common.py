@@ -1,4 +1,5 @@
-"""Shared by the scripts in ``bench/``: timing, the machine line, loading a sibling script."""
+"""Shared by the scripts in ``bench/``: timing, the machine line, the held-out sources of the
+editing measurements."""
 
 from __future__ import annotations
 
@@ -90,3 +91,16 @@ def alternate(a, b, *, runs: int, warmup: int = 1, settle: int = 0) -> tuple[flo
 def block(tree):
   """``jax.block_until_ready`` that returns nothing (for ``timed``)."""
   jax.block_until_ready(tree)
+
+
+def held_out_sources(config, limit: int):
+  """Up to ``limit`` held-out images (``[n, H, W, C]`` in [−1, 1]) and their labels (an array)
+  or captions (a list): the sources of ``editing.py`` and ``style_transfer.py``."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from distill import input_pipeline  # pylint: disable=import-outside-toplevel
+  held = input_pipeline.source(config.data, "held_out")
+  items = [held[i] for i in range(min(len(held), limit))]
+  x = np.stack([np.asarray(item["image"], np.float32) for item in items])
+  if input_pipeline.captioned(config.data):
+    return x, [str(item["caption"]) for item in items]
+  return x, np.asarray([int(item["label"]) for item in items])

@@ -35,20 +35,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
+import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from distill import editing, images, input_pipeline, layout, paths, sample  # noqa: E402  pylint: disable=wrong-import-position
 from distill.evaluation import evaluate, features  # noqa: E402  pylint: disable=wrong-import-position
 from distill.latent import clip_loader  # noqa: E402  pylint: disable=wrong-import-position
-
-
-def _sources(config, limit: int):
-  held = input_pipeline.source(config.data, "held_out")
-  items = [held[i] for i in range(min(len(held), limit))]
-  x = np.stack([np.asarray(item["image"], np.float32) for item in items])
-  if input_pipeline.captioned(config.data):
-    return x, [str(item["caption"]) for item in items]
-  return x, np.asarray([int(item["label"]) for item in items])
 
 
 def _centre_mask(shape, fraction: float) -> np.ndarray:
@@ -86,7 +77,8 @@ def main(argv=None) -> dict:
   clip = clip_loader.load(config.eval.clip_model) if captioned else None
   teacher = sample.load_model(workdir, "teacher", config=config)
   fam = teacher.family
-  x_src, conds = _sources(config, args.num_sources or int(config.eval.num_samples))
+  x_src, conds = common.held_out_sources(config,
+                                         args.num_sources or int(config.eval.num_samples))
   if x_src.shape[1:] != tuple(fam.image_shape):
     raise SystemExit(f"held-out images {x_src.shape[1:]} are not the model's "
                      f"{tuple(fam.image_shape)}.")

@@ -90,6 +90,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage_two.dropout = 0.0
   config.stage_two.sample_w = (0.0, 1.0, 4.0)
 
+  # The distilled encoder (paper §4.3, docs/editing.md): DDIM encoding, Eq. 2 run from the data
+  # up to the noise, distilled progressively as stage two distils the sampler. The stage-one
+  # student encoding with start_num_steps steps is the first teacher; each halving trains an
+  # encoder with half the steps (one student step = two teacher steps), kept in
+  # workdir/encoder/N=<steps>. Its links train when "encoder" is in stages; start_num_steps = 0:
+  # the chain has no encoder. Fields as in stage_two.
+  config.encoder = train_section(
+      batch_size=128, num_train_steps=None, lr=1e-4, warmup_steps=0, ema_decay=0.0)
+  config.encoder.start_num_steps = 0
+  config.encoder.end_num_steps = 1
+  config.encoder.train_steps_per_halving = 50_000
+  config.encoder.long_halving_max_steps = 0
+  config.encoder.long_halving_train_steps = 0
+  config.encoder.w_loss_weight = "uniform"
+  config.encoder.w_sample_power = 1.0
+  config.encoder.dropout = 0.0
+  config.encoder.sample_every = 0  # encoders draw no progress grids
+
   # Evaluation (paper Table 1, Fig. 2 and 6): FID / IS / class accuracy of the guided teacher
   # (DDIM at teacher_steps, 2 evaluations each), of DDIM and of DPM-Solver++ (2M) on the teacher
   # at ddim_steps and dpm_solver_steps, and of the students at student_steps (deterministic and
@@ -180,6 +198,7 @@ def shrink_for_cpu(config, *, steps: int = 6) -> None:
   config.stage_two.long_halving_max_steps = 0
   config.stage_two.start_num_steps = 8
   config.stage_two.end_num_steps = 1
+  shrink_encoder_for_cpu(config, steps=steps)
   config.teacher.sample_steps = 4
   config.stage_one.sample_steps = 4
   config.eval.w_values = (0.0, 1.0)
@@ -191,6 +210,17 @@ def shrink_for_cpu(config, *, steps: int = 6) -> None:
   config.eval.student_steps = (1, 2)
   config.eval.classifier_steps = 200
   config.eval.batch_size = 20
+
+
+def shrink_encoder_for_cpu(config, *, steps: int) -> None:
+  """The encoder of a ``runlocal`` variant (trained when "encoder" is in stages): encoders of 2
+  and 1 steps, a few steps each, as stage two's halvings."""
+  for field in ("batch_size", "lr", "warmup_steps", "ema_decay", "log_every", "checkpoint_every"):
+    config.encoder[field] = config.stage_two[field]
+  config.encoder.train_steps_per_halving = steps
+  config.encoder.long_halving_max_steps = 0
+  config.encoder.start_num_steps = 4
+  config.encoder.end_num_steps = 1
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -303,3 +333,4 @@ def shrink_latent_for_cpu(config, *, pretrained: str, steps: int = 6) -> None:
   config.stage_two.long_halving_max_steps = 0
   config.stage_two.start_num_steps = 8
   config.stage_two.end_num_steps = 1
+  shrink_encoder_for_cpu(config, steps=steps)

@@ -8,8 +8,9 @@ from distill import checkpoints, family, input_pipeline, layout, paths
 from distill.losses import TEACHER_WEIGHTINGS, W_WEIGHTINGS
 from distill.models.factory import check_model_config
 
-STAGES = ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two", "eval")
-TRAINED = ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two")
+STAGES = ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two", "encoder",
+          "eval")
+TRAINED = ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two", "encoder")
 
 
 def stages_of(config) -> list[str]:
@@ -28,7 +29,8 @@ def _positive(section: str, cfg, field: str) -> None:
 
 
 def check_train_section(name: str, cfg, *, num_devices: int, process_count: int) -> None:
-  steps_field = "train_steps_per_halving" if name == "stage_two" else "num_train_steps"
+  steps_field = ("train_steps_per_halving" if name in ("stage_two", "encoder") else
+                 "num_train_steps")
   for field in ("batch_size", steps_field, "lr", "log_every", "checkpoint_every",
                 "max_to_keep", "max_consecutive_nonfinite"):
     _positive(name, cfg, field)
@@ -117,7 +119,7 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
   if one.w_min < -1:
     raise ValueError(f"stage_one.w_min={one.w_min} must be >= -1 (w = -1 is the unconditional "
                      "model; the paper distils w in [0, 4]).")
-  for name, section in (("stage_one", one), ("stage_two", two)):
+  for name, section in (("stage_one", one), ("stage_two", two), ("encoder", config.encoder)):
     if section.w_loss_weight not in W_WEIGHTINGS:
       raise ValueError(f"{name}.w_loss_weight={section.w_loss_weight!r} is not one of "
                        f"{list(W_WEIGHTINGS)}.")
@@ -126,6 +128,14 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
                        "uniform in [w_min, w_max] as in Eq. 3; 2 draws small w more often).")
   if "stage_two" in stages:
     check_halvings(two)
+  if "encoder" in stages:
+    if not layout.has_encoder(config):
+      raise ValueError("stages names encoder, but encoder.start_num_steps=0 (no encoder in the "
+                       "chain): set e.g. --config.encoder.start_num_steps=32.")
+    check_halvings(config.encoder, "encoder")
+    if config.encoder.sample_every:
+      raise ValueError(f"encoder.sample_every={config.encoder.sample_every}: encoders draw no "
+                       "progress grids; set it to 0.")
   if "eval" in stages:
     check_eval(config)
 
@@ -161,7 +171,7 @@ def check_latent(config, stages) -> None:
     raise ValueError(f"data.num_classes={config.data.num_classes} must be > 0 for data.name="
                      f"{config.data.name!r} (only captioned data come without labels: "
                      f"{', '.join(input_pipeline.CAPTIONED)}).")
-  for name in ("teacher_v", "stage_one", "stage_two"):
+  for name in ("teacher_v", "stage_one", "stage_two", "encoder"):
     if name in config and config[name].get("dropout", 0.0):
       raise ValueError(f"{name}.dropout={config[name].dropout}: the latent U-Net has no dropout; "
                        "set it to 0.")
@@ -232,18 +242,18 @@ def check_eval(config) -> None:
                      "stochastic).")
 
 
-def check_halvings(two) -> None:
+def check_halvings(two, name: str = "stage_two") -> None:
   start, end = two.start_num_steps, two.end_num_steps
   if not (isinstance(start, int) and isinstance(end, int) and 1 <= end < start):
-    raise ValueError(f"stage_two.start_num_steps={start} and end_num_steps={end} must be "
+    raise ValueError(f"{name}.start_num_steps={start} and end_num_steps={end} must be "
                      "integers with 1 <= end_num_steps < start_num_steps.")
   ratio = start // end
   if start % end or ratio & (ratio - 1):
     suggestion = end * 2 ** max(ratio.bit_length() - 1, 1)
-    raise ValueError(f"stage_two.start_num_steps={start} is not end_num_steps={end} times a "
+    raise ValueError(f"{name}.start_num_steps={start} is not end_num_steps={end} times a "
                      f"power of two: use e.g. start_num_steps={suggestion}.")
   if two.long_halving_max_steps < 0 or (two.long_halving_max_steps > 0 and
                                          not two.long_halving_train_steps > 0):
-    raise ValueError(f"stage_two.long_halving_train_steps={two.long_halving_train_steps} must be "
+    raise ValueError(f"{name}.long_halving_train_steps={two.long_halving_train_steps} must be "
                      f"> 0 when long_halving_max_steps={two.long_halving_max_steps} > 0 (0 "
                      "disables longer final halvings).")

@@ -1,9 +1,10 @@
 """Forward process, parameterisation conversions, DDIM steps and the N-step samplers.
 
 Samplers: DDIM (Eq. 2), the stochastic sampler (Eq. 4–7) and, as the baseline for the teacher,
-DPM-Solver++ (2M) (docs/design.md §1.13). Each starts at ``t_start`` (1 for generation; an
-intermediate time for image-to-image editing, SDEdit) and takes a ``known_fn`` that puts a known
-region back after every step (inpainting by replacement; ``distill/editing.py``).
+DPM-Solver++ (2M) (docs/design.md §1.13); the DDIM encoder (Eq. 2 read from the data up to the
+noise, paper §4.3). Each sampler starts at ``t_start`` (1 for generation; an intermediate time for
+image-to-image editing, SDEdit) and takes a ``known_fn`` that puts a known region back after
+every step (inpainting by replacement; ``distill/editing.py``).
 
 Notation as in docs/design.md §1 and the paper: ``z_t = α_t x + σ_t ε``; the network predicts
 ``v = α ε − σ x``; ``λ`` is the log-SNR. Every function is pure and jit-able. ``logsnr``
@@ -101,6 +102,21 @@ def ddim_step(z_t, x_pred, logsnr_t, logsnr_s):
   return alpha_s * x_pred + sigma_s * (z_t - alpha_t * x_pred) / sigma_t
 
 
+def ddim_encode_step(z_s, v_pred, logsnr_s, logsnr_t):
+  """DDIM encoding, Eq. 2 read upwards from ``s`` to a noisier ``t > s`` (paper §4.3).
+
+  ``z_t = α_t x̂ + σ_t ε̂`` with the predictions at ``(z_s, s)`` formed from the network's ``v̂``:
+  ``x̂ = α_s z_s − σ_s v̂`` and ``ε̂ = σ_s z_s + α_s v̂``. Algebraically this is
+  ``ddim_step(z_s, x̂, λ_s, λ_t)``; written with ``v̂`` it never divides by ``σ_s``, which
+  vanishes at the data (``s = 0``), where encoding starts.
+  """
+  alpha_s, sigma_s = _alpha_sigma(logsnr_s, z_s, "logsnr_s")
+  alpha_t, sigma_t = _alpha_sigma(logsnr_t, z_s, "logsnr_t")
+  x_pred = alpha_s * z_s - sigma_s * v_pred
+  eps_pred = sigma_s * z_s + alpha_s * v_pred
+  return alpha_t * x_pred + sigma_t * eps_pred
+
+
 def renoise(z_k, logsnr_k, logsnr_s, eps):
   """Forward transition from ``k`` back up to the noisier ``s`` (paper Eq. 5 and 7).
 
@@ -156,6 +172,27 @@ def sample_deterministic(denoise_fn: DenoiseFn, z1, num_steps: int, *,
 
   _, x = jax.lax.fori_loop(0, n, body, (z1, jnp.zeros_like(z1)))
   return known_fn(x, None)
+
+
+def encode_deterministic(v_fn, x, num_steps: int, *, logsnr_fn=schedules.cosine_logsnr,
+                         t_end=1.0):
+  """N-step DDIM encoder (paper §4.3): ``ddim_encode_step`` at ``t = t_end·i/N``, ``i = 0 … N−1``.
+
+  ``v_fn(z, t) -> v̂`` takes a batch-shaped ``t`` (``distill/denoiser.py``: ``v_fn``,
+  ``guided_v_fn``). ``x`` is the data (``z_0``); returns ``z_{t_end}``, which
+  ``sample_deterministic`` with the same model and ``t_start = t_end`` decodes back to ``x`` as
+  the steps become fine (the probability-flow ODE run both ways). One ``lax.fori_loop``.
+  """
+  n = check_num_steps(num_steps)
+  x = jnp.asarray(x)
+  t_end = jnp.asarray(t_end, jnp.float32)
+
+  def body(i, z):
+    s, t = t_end * i / n, t_end * (i + 1) / n
+    v_pred = v_fn(z, _batch_time(s, z))
+    return ddim_encode_step(z, v_pred, logsnr_fn(s), logsnr_fn(t)).astype(z.dtype)
+
+  return jax.lax.fori_loop(0, n, body, x)
 
 
 def sample_stochastic(denoise_fn: DenoiseFn, z1, num_steps: int, rng, *,

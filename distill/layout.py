@@ -1,7 +1,8 @@
 """The workdir's layout: the chain's links, their directories, and what a finished link holds.
 
 A workdir holds one directory per link of the chain (``teacher/``, for a latent teacher the
-optional ε→v fine-tuning ``teacher_v/``, ``stage_one/``, ``stage_two/N=<n>/``), each with its
+optional ε→v fine-tuning ``teacher_v/``, ``stage_one/``, ``stage_two/N=<n>/``, the distilled
+encoders ``encoder/N=<n>/``), each with its
 Orbax checkpoints; ``pipeline`` trains them, ``sample`` and ``evaluation`` read them, and all
 three read this module (never each other's internals).
 """
@@ -20,24 +21,30 @@ from distill import checkpoints, family, paths, sharding
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-  """One trained model of the chain: ``teacher``, ``teacher_v``, ``stage_one`` or a halving
-  ``stage_two/N=n``."""
+  """One trained model of the chain: ``teacher``, ``teacher_v``, ``stage_one``, a halving
+  ``stage_two/N=n`` or a distilled encoder ``encoder/N=n``."""
   name: str
   stage: str  # the entry of config.stages that trains it
   index: int  # position in the chain (varies the data order between links)
-  num_steps: int | None = None  # sampling steps of a stage-two student
+  num_steps: int | None = None  # sampling (or encoding) steps of a stage-two student (encoder)
 
   def directory(self, workdir) -> epath.Path:
     return epath.Path(workdir) / self.name
 
 
-def halvings(config) -> list[int]:
-  """Student step counts of stage two: ``start/2, start/4, …, end``."""
-  n, out = int(config.stage_two.start_num_steps), []
-  while n > int(config.stage_two.end_num_steps):
+def halvings(config, stage: str = "stage_two") -> list[int]:
+  """Student step counts of stage two (or of the encoder): ``start/2, start/4, …, end``."""
+  n, out = int(config[stage].start_num_steps), []
+  while n > int(config[stage].end_num_steps):
     n //= 2
     out.append(n)
   return out
+
+
+def has_encoder(config) -> bool:
+  """Whether the chain has distilled-encoder links (``encoder.start_num_steps > 0``)."""
+  section = config.get("encoder")
+  return section is not None and int(section.get("start_num_steps", 0)) > 0
 
 
 def has_teacher_v(config) -> bool:
@@ -57,14 +64,26 @@ PART_STAGES = {"autoencoder": "autoencoder", "clip": "clip", "clip_eval": "clip"
 
 
 def chain(config) -> list[Link]:
-  """[autoencoder → clip → clip_eval] → teacher → [teacher_v] → stage_one → the halvings, in
-  training order."""
+  """[autoencoder → clip → clip_eval] → teacher → [teacher_v] → stage_one → the halvings
+  [→ the encoder's halvings], in training order."""
   names = list(PART_STAGES) if trains_parts(config) else []
   names += ["teacher"] + (["teacher_v"] if has_teacher_v(config) else []) + ["stage_one"]
   links = [Link(name, PART_STAGES.get(name, name), i) for i, name in enumerate(names)]
-  links += [Link(f"stage_two/N={n}", "stage_two", len(names) + i, n)
-            for i, n in enumerate(halvings(config))]
+  stages = ("stage_two", "encoder") if has_encoder(config) else ("stage_two",)
+  for stage in stages:
+    links += [Link(f"{stage}/N={n}", stage, len(links) + i, n)
+              for i, n in enumerate(halvings(config, stage))]
   return links
+
+
+def teacher_of(links: list[Link], link: Link) -> str | None:
+  """The link whose parameters ``link`` learns from (and, past stage one, starts as): the one
+  before it in the chain, except that the first encoder learns from stage one. None for the
+  first link."""
+  i = links.index(link)
+  if link.stage == "encoder" and (i == 0 or links[i - 1].stage != "encoder"):
+    return "stage_one"
+  return links[i - 1].name if i else None
 
 
 def is_part(link: Link) -> bool:
@@ -93,9 +112,11 @@ def is_imported(config, link: Link) -> bool:
       config.teacher.checkpoint or config.teacher.get("pretrained"))
 
 
-def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
-  """``config.stage_two`` with ``num_train_steps`` of the halving to ``num_steps`` steps."""
-  cfg = config.stage_two
+def halving_section(config, num_steps: int,
+                    stage: str = "stage_two") -> ml_collections.ConfigDict:
+  """``config.stage_two`` (or ``config.encoder``) with ``num_train_steps`` of the halving to
+  ``num_steps`` steps."""
+  cfg = config[stage]
   long = 0 < num_steps <= cfg.long_halving_max_steps
   section = ml_collections.ConfigDict(cfg.to_dict())
   section.num_train_steps = int(cfg.long_halving_train_steps if long else
@@ -104,8 +125,8 @@ def halving_section(config, num_steps: int) -> ml_collections.ConfigDict:
 
 
 def section_of(config, link: Link):
-  if link.stage == "stage_two":
-    return halving_section(config, link.num_steps)
+  if link.stage in ("stage_two", "encoder"):
+    return halving_section(config, link.num_steps, link.stage)
   return config[link.stage]
 
 
@@ -168,25 +189,42 @@ def read_teacher_checkpoint(config, mesh):
 
 
 def workdir_config(workdir) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (the JSON saved with its first stage's checkpoints)."""
+  """The config a workdir was trained with (the JSON saved with its first stage's checkpoints);
+  for a workdir whose encoder links were added later, with the encoder section they saved."""
   workdir = epath.Path(paths.resolve(workdir))
+  config = None
   for link in ("teacher", "teacher_v", "stage_one"):
-    try:
-      _, step = checkpoints.state_dir(workdir / link)
-    except ValueError:
-      continue
-    saved = checkpoints.Checkpoints(workdir / link / "checkpoints", max_to_keep=None,
-                                    writable=False)
-    try:
-      return fill_trained_parts(ml_collections.ConfigDict(saved.restore_config(step)), workdir)
-    finally:
-      saved.close()
-  raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/, teacher_v/ or "
-                   "stage_one/ checkpoints): run python -m distill.main --workdir=... first.")
+    config = _saved_config(workdir / link)
+    if config is not None:
+      break
+  if config is None:
+    raise ValueError(f"workdir {str(workdir)!r} holds no trained stage (no teacher/, teacher_v/ "
+                     "or stage_one/ checkpoints): run python -m distill.main --workdir=... first.")
+  if not has_encoder(config) and (workdir / "encoder").is_dir():
+    for directory in sorted((workdir / "encoder").iterdir()):
+      encoder = _saved_config(directory)
+      if encoder is not None and has_encoder(encoder):
+        config.encoder = encoder.encoder
+        break
+  return fill_trained_parts(config, workdir)
 
 
-def available_students(workdir) -> list[int]:
-  root = epath.Path(workdir) / "stage_two"
+def _saved_config(directory) -> ml_collections.ConfigDict | None:
+  """The config saved with the newest checkpoint of a link's directory, or None."""
+  try:
+    _, step = checkpoints.state_dir(directory)
+  except ValueError:
+    return None
+  saved = checkpoints.Checkpoints(directory / "checkpoints", max_to_keep=None, writable=False)
+  try:
+    return ml_collections.ConfigDict(saved.restore_config(step))
+  finally:
+    saved.close()
+
+
+def available_students(workdir, stage: str = "stage_two") -> list[int]:
+  """Step counts of the trained students (or, with ``stage="encoder"``, encoders) in a workdir."""
+  root = epath.Path(workdir) / stage
   found = []
   if root.is_dir():
     for d in root.iterdir():

@@ -211,3 +211,78 @@ def stage_two_objective(family, *, w_min: float, w_max: float, for_stochastic: b
     loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_x_loss(x_pred, target, logsnr))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective
+
+
+def weighted_v_loss(v_pred, v_target, logsnr):
+  """Per-example ``max(α², σ²)·‖v̂ − ṽ‖²``: ``weighted_x_loss`` of the x-predictions both make at
+  the same ``z`` (``x̂ − x̃ = −σ(v̂ − ṽ)`` and ``max(exp(λ), 1)·σ² = max(α², σ²)``), computed
+  without forming ``x``, whose difference vanishes with ``σ`` at ``t = 0``."""
+  alpha, sigma = schedules.alpha_sigma(jnp.asarray(logsnr, jnp.float32))
+  return jnp.maximum(jnp.square(alpha), jnp.square(sigma)) * _per_example_mean(v_pred - v_target)
+
+
+def encoder_target(teacher_v_fn, z_s, s, num_student_steps, *,
+                   logsnr_fn=schedules.cosine_logsnr):
+  """Target ``ṽ`` of the distilled encoder (paper §4.3; docs/design.md §1.15): stage two's
+  target read upwards.
+
+  The teacher takes two DDIM encoding steps of ``1/(2N)`` each, ``s → s' = s + 0.5/N →
+  e = s + 1/N`` (``diffusion.ddim_encode_step``; ``N = num_student_steps``). ``ṽ`` is the
+  v-prediction with which **one** encoding step from ``s`` lands on the teacher's ``z_e``. One
+  step gives ``z_e = (α_e/α_s) z_s + (σ_e − α_e σ_s/α_s) ε̂``, so
+
+      ε̃ = (α_s z_e − α_e z_s) / (α_s σ_e − α_e σ_s),    ṽ = (ε̃ − σ_s z_s) / α_s.
+
+  Neither divides by ``σ_s``, which vanishes at ``s = 0``; ``α_s > 0`` for every start time
+  ``s ≤ 1 − 1/N`` of the grid. This is ``stage_two_target``'s identity with the start and end
+  times exchanged, solved for ``ε̂`` instead of ``x̂``. ``s`` has one value per example;
+  ``num_student_steps`` may be a traced scalar.
+  """
+  s = jnp.asarray(s, jnp.float32)
+  n = jnp.asarray(num_student_steps, jnp.float32)
+  s_mid = jnp.minimum(s + 0.5 / n, 1.0)
+  s_end = jnp.minimum(s + 1.0 / n, 1.0)
+  lam_s, lam_mid, lam_end = (logsnr_fn(u) for u in (s, s_mid, s_end))
+  z_mid = diffusion.ddim_encode_step(z_s, teacher_v_fn(z_s, s), lam_s, lam_mid)
+  z_end = diffusion.ddim_encode_step(z_mid, teacher_v_fn(z_mid, s_mid), lam_mid, lam_end)
+  alpha_s, sigma_s = schedules.alpha_sigma(diffusion.per_example(lam_s, z_s, "s"))
+  alpha_e, sigma_e = schedules.alpha_sigma(diffusion.per_example(lam_end, z_s, "s"))
+  eps = (alpha_s * z_end - alpha_e * z_s) / (alpha_s * sigma_e - alpha_e * sigma_s)
+  return (eps - sigma_s * z_s) / alpha_s
+
+
+def encoder_times(key, batch_size: int, num_student_steps):
+  """Start times of an encoder step: ``s = i/N``, ``i ~ U{0..N−1}`` (the data is ``i = 0``)."""
+  n = jnp.asarray(num_student_steps, jnp.int32)
+  i = jax.random.randint(key, (batch_size,), 0, n)
+  return i.astype(jnp.float32) / n.astype(jnp.float32)
+
+
+def encoder_objective(family, *, w_min: float, w_max: float, w_weighting: str = "uniform",
+                      w_power: float = 1.0, dropout: float = 0.0):
+  """The distilled encoder (paper §4.3): one student encoding step does two teacher steps.
+
+  Progressive as stage two: the first teacher is the stage-one student, each later one the
+  previous encoder; the student starts as its teacher. Loss ``weighted_v_loss(v̂_η(z_s, w), ṽ)``
+  with ``ṽ = encoder_target`` and ``z_s = α_s x + σ_s ε`` (at ``s = 0`` the data itself, up to
+  ``σ(0)``). ``frozen`` as in stage two; ``w``, ``w_weighting``, ``w_power`` and ``dropout`` as
+  in ``stage_one_objective``.
+  """
+  w_loss_weight(jnp.zeros(()), w_weighting)
+  student = family.student_net(dropout)
+
+  def objective(params, frozen, batch, key):
+    x, cond = family.x_and_cond(batch)
+    n = frozen["num_student_steps"]
+    k_s, k_eps, k_w, k_dropout = jax.random.split(key, 4)
+    s = encoder_times(k_s, x.shape[0], n)
+    w = guidance.sample_w(k_w, x.shape[0], w_min, w_max, power=w_power)
+    z, logsnr = _noisy_batch(family, x, k_eps, s)
+    teacher_fn = denoiser.v_fn(family, frozen["params"], cond, w)
+    target = jax.lax.stop_gradient(encoder_target(teacher_fn, z, s, n,
+                                                  logsnr_fn=family.logsnr_fn))
+    v_pred = denoiser.v_prediction(family, student, params, z, s, cond, w, train=True,
+                                   rngs={"dropout": k_dropout})
+    loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_v_loss(v_pred, target, logsnr))
+    return loss, {"v_mse": jnp.mean(_per_example_mean(v_pred - target))}
+  return objective

@@ -26,6 +26,10 @@ ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0,
                "teacher_v.weighting": "snr_trunc", "data.tfds_name": "",
                "data.tfds_caption": "captions/text", "data.tfds_train_split": "train",
                "data.tfds_held_out_split": "val", "latent.cache": False}
+# Sections added after workdirs were started, each configuring links of its own only: absent
+# from a recorded config, no link of theirs can have been trained, so the section is adopted from
+# the current config (and recorded, so a later change to it is refused).
+SECTIONS_ADDED_LATER = ("encoder",)
 
 
 def relevant_config(config) -> dict:
@@ -81,11 +85,18 @@ class Manifest:
       self._write()
       return
     if self.data["config_hash"] != digest:
-      old, new = _flatten(self.data["config"]), _flatten(relevant_config(config))
+      current = relevant_config(config)
+      adopted = [k for k in SECTIONS_ADDED_LATER if k in current and k not in self.data["config"]]
+      for k in adopted:
+        self.data["config"][k] = current[k]
+      old, new = _flatten(self.data["config"]), _flatten(current)
       old = {**{k: v for k, v in ADDED_LATER.items() if k in new}, **old}
       changed = [f"{k}: {old.get(k, 'absent')!r} -> {new.get(k, 'absent')!r}"
                  for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
       if not changed:
+        if adopted:
+          self.data["config_hash"] = digest
+          self._write()
         return
       raise ValueError(
           f"the config differs from the one this workdir was started with ({self.path}): "

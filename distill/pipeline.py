@@ -9,6 +9,7 @@ Workdir layout (``distill/layout.py`` has the links and reads what they hold)::
                           the config has a teacher_v section
     stage_one/            the w-conditioned student of paper §3.1 (Algorithm 1)
     stage_two/N=<n>/      the student with n sampling steps (Algorithm 2), one per halving
+    encoder/N=<n>/        with "encoder" in stages: the distilled encoder with n steps (§4.3)
     report/               the eval stage: table.md/.csv, figures, grids, cells/ (one JSON each)
 
 Each link of the chain trains with the one loop of ``distill/train.py``; only its objective and
@@ -90,21 +91,21 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
   else:
     w_range = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max,
                    dropout=section.dropout)
+    w_args = dict(w_weighting=section.w_loss_weight, w_power=section.w_sample_power, **w_range)
     if link.name == "stage_one":
-      objective = losses.stage_one_objective(fam, **w_range, w_weighting=section.w_loss_weight,
-                                             w_power=section.w_sample_power)
+      objective = losses.stage_one_objective(fam, **w_args)
       init = lambda: fam.student_from_teacher(teacher_params, jax.random.fold_in(key, 0))
       frozen = teacher_params
       sample_steps = section.sample_steps
     else:
-      objective = losses.stage_two_objective(fam, for_stochastic=section.train_for_stochastic,
-                                             w_weighting=section.w_loss_weight,
-                                             w_power=section.w_sample_power, **w_range)
+      objective = (losses.encoder_objective(fam, **w_args) if link.stage == "encoder" else
+                   losses.stage_two_objective(fam, for_stochastic=section.train_for_stochastic,
+                                              **w_args))
       init = lambda: teacher_params  # the new student starts as its teacher
       frozen = {"params": teacher_params,
                 "num_student_steps": jnp.asarray(link.num_steps, jnp.int32)}
       sample_steps = link.num_steps
-    grids = dict(w_values=section.sample_w, num_steps=sample_steps, guided=False)
+    grids = dict(w_values=section.get("sample_w", ()), num_steps=sample_steps, guided=False)
   return train.train(
       name=link.name, section=link.stage, stage_cfg=section, objective=objective,
       init_params=init, frozen=frozen, batches=batches, mesh=mesh,
@@ -194,7 +195,7 @@ def run(config, workdir) -> None:
     record.complete("latent_cache", step=0, seconds=time.time() - start)
     logging.info("latent_cache: %s", latent_cache.directory(workdir))
 
-  params = None  # a function giving the previous link's EMA parameters
+  params = {}  # link name -> a function giving its EMA parameters (read only when needed)
   for link in links[:last + 1]:
     if layout.is_part(link):
       continue
@@ -203,12 +204,13 @@ def run(config, workdir) -> None:
       logging.info("teacher: not trained, %s is used instead",
                    config.teacher.checkpoint or config.teacher.pretrained)
     if imported or link.stage not in stages:
-      params = lambda link=link: layout.read_final_params(config, workdir, link, mesh)
+      params[link.name] = lambda link=link: layout.read_final_params(config, workdir, link, mesh)
       continue
-    teacher_params = params() if params is not None else None
+    parent = layout.teacher_of(links, link)
+    teacher_params = params[parent]() if parent in params else None
     state = _recorded(record, tracker, link, lambda link=link: train_link(
         config, workdir, link, mesh, teacher_params, progress=tracker))
-    params = lambda state=state: state.ema_params
+    params[link.name] = lambda state=state: state.ema_params
 
   if "eval" in stages and jax.process_index() == 0:
     start = time.time()

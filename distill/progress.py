@@ -14,13 +14,14 @@ import time
 
 # Time of one training step relative to a teacher step at the same batch size: stage one runs
 # the teacher's two branches without gradient beside the student; stage two runs two teacher
-# DDIM steps (the training-step table of BENCHMARKS.md measures 1.24–1.25× and 1.32–1.45×).
+# DDIM steps (the training-step table of BENCHMARKS.md measures 1.24–1.25× and 1.32–1.45×), and
+# an encoder's step the same work upwards.
 # teacher_v (a latent teacher's ε→v fine-tuning) trains with the teacher's objective.
 # The parts a text-to-image chain trains first are other networks: per example, configs/emoji.py's
 # autoencoder step costs 2.1 and its CLIP step 0.46 of its U-Net's teacher step (7.1, 1.6 and
 # 3.4 ms on 2 cores); other sizes make these rough.
 STEP_COST = {"teacher": 1.0, "teacher_v": 1.0, "stage_one": 1.25, "stage_two": 1.4,
-             "autoencoder": 2.1, "clip": 0.46}
+             "encoder": 1.4, "autoencoder": 2.1, "clip": 0.46}
 # A forward pass of one example costs about this share of one example's training step
 # (forward, backward and the optimiser).
 FORWARD_SHARE = 1 / 3

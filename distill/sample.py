@@ -11,8 +11,10 @@ the decoded samples (``images`` in [−1, 1], ``labels`` or ``prompts``, ``w``).
 
 Editing (``distill/editing.py``, docs/editing.md): ``--init_image=PATH --strength=s`` is
 image-to-image (SDEdit: the image noised to ``t0 = s``, then the deterministic steps from there;
-a student starts on its grid), and ``--mask=PATH`` (white: fill) inpaints, keeping the rest of the
-image. Each grid row then starts with the source.
+a student starts on its grid), ``--mask=PATH`` (white: fill) inpaints, keeping the rest of the
+image, and ``--source_label=A`` (or ``--source_prompt``) is style transfer (paper §4.3): the image
+is encoded under its class A (a student by its distilled encoder) and decoded under ``--labels``.
+Each grid row then starts with the source.
 
 The library functions (``load_model``, ``generate``) serve the evaluation stage and notebooks.
 """
@@ -34,13 +36,14 @@ from distill import (cli, compilation_cache, denoiser, diffusion, editing, famil
                      paths, sharding)
 
 MODELS = ("teacher", "stage_one", "student")
+ENCODER = "encoder"  # a distilled encoder (paper §4.3): load_model(workdir, ENCODER, num_steps=N)
 SAMPLERS = ("deterministic", "stochastic", "dpm_solver")
 
 
 @dataclasses.dataclass
 class LoadedModel:
   """A model of the chain with its EMA parameters and how it samples."""
-  kind: str  # teacher | stage_one | student
+  kind: str  # teacher | stage_one | student | encoder
   family: Any  # the denoiser family (distill/family.py) whose network this is
   params: Any
   config: ml_collections.ConfigDict
@@ -54,23 +57,25 @@ def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
 
   The parameters are replicated on ``mesh`` (default: one device), and ``generate`` splits each
   batch over it."""
-  if kind not in MODELS:
+  if kind not in MODELS + (ENCODER,):
     raise ValueError(f"model={kind!r} is not one of {list(MODELS)}.")
   workdir = paths.resolve(workdir)
   config = paths.resolve_config(config or layout.workdir_config(workdir))
   mesh = mesh or sharding.make_mesh(1)
   links = {link.name: link for link in layout.chain(config)}
-  if kind == "student":
-    have = layout.available_students(workdir)
-    if num_steps not in have or f"stage_two/N={num_steps}" not in links:
-      raise ValueError(f"no stage-two student with num_steps={num_steps} in {str(workdir)!r}: "
-                       f"available {have or 'none'} (pass --num_steps=one of them).")
-    link = links[f"stage_two/N={num_steps}"]
+  if kind in ("student", ENCODER):
+    stage, what, train_it = ("stage_two", "stage-two student", "") if kind == "student" else (
+        "encoder", "distilled encoder", ", or train it: --config.stages=encoder of distill.main")
+    have = layout.available_students(workdir, stage)
+    if num_steps not in have or f"{stage}/N={num_steps}" not in links:
+      raise ValueError(f"no {what} with num_steps={num_steps} in {str(workdir)!r}: "
+                       f"available {have or 'none'} (pass --num_steps=one of them{train_it}).")
+    link = links[f"{stage}/N={num_steps}"]
   else:
     link = links[kind]
   params = layout.read_final_params(config, workdir, link, mesh)
   return LoadedModel(kind, family.of(config), params, config,
-                     num_steps if kind == "student" else None, mesh)
+                     num_steps if kind in ("student", ENCODER) else None, mesh)
 
 
 def load_exported(folder, *, mesh=None) -> LoadedModel:
@@ -166,6 +171,33 @@ def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
   return run
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_encoder(fam, guided: bool, steps: int):
+  """One jitted ``run(params, x, cond, w) -> z_1`` per (family, steps): DDIM encoding (paper
+  §4.3) of the guided teacher, of stage one or of a distilled encoder."""
+  make_fn = denoiser.guided_v_fn if guided else denoiser.v_fn
+
+  @jax.jit
+  def run(params, x, cond, w):
+    return diffusion.encode_deterministic(make_fn(fam, params, cond, w), x, steps,
+                                          logsnr_fn=fam.logsnr_fn)
+
+  return run
+
+
+def encoder_steps(encoder: LoadedModel, num_steps: int | None) -> int:
+  """The encoder's step count: a distilled encoder's own count; the teacher and stage one encode
+  with DDIM at ``num_steps``."""
+  if encoder.kind == "student":
+    raise ValueError("a stage-two student samples; it does not encode: load the distilled "
+                     f"encoder (model={ENCODER!r}) of the same step count.")
+  if encoder.kind == ENCODER:
+    return encoder.num_steps
+  if not num_steps or num_steps < 1:
+    raise ValueError(f"--num_steps is required for model={encoder.kind} (its DDIM step count).")
+  return int(num_steps)
+
+
 def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
   """``fn(z1, cond, w, key, edit=None) -> images`` for one batch: the jitted sampler, then the
   family's decoder (the identity for pixels, the first stage's decoder for latents)."""
@@ -195,7 +227,8 @@ def _noise(base, indices, shape):
 
 def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels=None, w,
              seed: int, batch_size: int = 500, prompts=None, source=None, fill_mask=None,
-             strength: float = 1.0) -> np.ndarray:
+             strength: float = 1.0, source_labels=None, source_prompts=None,
+             encoder: LoadedModel | None = None) -> np.ndarray:
   """Samples for per-example ``labels`` (or ``prompts``, for a text-conditioned latent teacher)
   and ``w`` (arrays of one length), in batches; decoded images in about [−1, 1].
 
@@ -210,34 +243,44 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   is the noise of its stochastic encoding. With a ``fill_mask`` (``[H, W]`` or ``[count, H, W]``,
   1 = fill) the rest of the source is kept (inpainting by replacement), and the returned images
   take the source's pixels there.
+
+  Style transfer (paper §4.3): with ``source_labels`` (or ``source_prompts``), the condition of
+  each source, the source is encoded by ``encoder`` under it (DDIM encoding, Eq. 2 from the data
+  to ``t = 1``; by default ``loaded`` itself, for the teacher and stage one) and the code is
+  decoded from ``t = 1`` under ``labels`` (or ``prompts``), both at each example's ``w``.
   """
   fam = loaded.family
   if fill_mask is not None and source is None:
     raise ValueError("a mask needs the source image it applies to (--init_image).")
-  if prompts is not None:
-    prompts = list(prompts)
-    conds = lambda idx: fam.cond_from_prompts([prompts[i] for i in idx])
-    count = len(prompts)
-  else:
-    labels = np.asarray(labels, np.int32)
-    conds = lambda idx: fam.cond_from_labels(labels[idx])
-    count = len(labels)
+  conds, count = _conditions(fam, labels, prompts)
   w = np.broadcast_to(np.asarray(w, np.float32), (count,))
-  edit = None
-  if source is None:
+  edit = encode = None
+  if source_labels is not None or source_prompts is not None:
+    if source is None or fill_mask is not None:
+      raise ValueError("style transfer encodes a source image (--init_image) as a whole: pass "
+                       "one, without --mask.")
+    encoder = loaded if encoder is None else encoder
+    source_conds, source_count = _conditions(encoder.family, source_labels, source_prompts)
+    if source_count != count:
+      raise ValueError(f"{source_count} source conditions for {count} examples: pass one per "
+                       "example.")
+    encode = (_compiled_encoder(encoder.family, encoder.kind == "teacher",
+                                encoder_steps(encoder, num_steps)), source_conds)
+  if source is None or encode is not None:
     steps = sampler_steps(loaded, sampler, num_steps)
   else:
     steps, t_start = edit_start(loaded, sampler, num_steps, strength)
+    if fill_mask is not None:
+      fill_mask = np.asarray(fill_mask, np.float32)
+      fill_mask = np.broadcast_to(fill_mask, (count,) + tuple(fam.image_shape)[:2])
+    edit = {"t_start": jnp.float32(t_start)}
+  if source is not None:
     image = tuple(fam.image_shape)
     source = np.asarray(source, np.float32)
     source = np.broadcast_to(source, (count,) + image) if source.shape == image else source
     if source.shape != (count,) + image:
       raise ValueError(f"the source images have shape {source.shape}; the model's images are "
                        f"{image}: pass one, or one per example ({count}).")
-    if fill_mask is not None:
-      fill_mask = np.asarray(fill_mask, np.float32)
-      fill_mask = np.broadcast_to(fill_mask, (count,) + image[:2])
-    edit = {"t_start": jnp.float32(t_start)}
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
   base = jax.random.key(seed)
@@ -250,6 +293,12 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
     idx = np.arange(start, min(start + batch_size, count))
     idx_p = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
     inputs = (_noise(base, jnp.asarray(idx_p), shape), conds(idx_p), jnp.asarray(w[idx_p]))
+    if encode is not None:  # z_1: each source encoded under its own condition
+      encode_run, source_conds = encode
+      enc_inputs = (fam.encode_images(source[idx_p]), source_conds(idx_p), inputs[2])
+      if split is not None:
+        enc_inputs = jax.device_put(enc_inputs, split)
+      inputs = (encode_run(encoder.params, *enc_inputs),) + inputs[1:]
     if edit is not None:  # each example's source, encoded, and its kept region
       x_source = fam.encode_images(source[idx_p])
       keep = None if fill_mask is None else editing.keep_at(fill_mask[idx_p], x_source.shape)
@@ -264,6 +313,15 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   if fill_mask is not None:
     x = np.asarray(editing.composite(x, source, fill_mask))
   return x
+
+
+def _conditions(fam, labels, prompts):
+  """``(conds(idx), count)`` of per-example ``labels`` or ``prompts``."""
+  if prompts is not None:
+    prompts = list(prompts)
+    return (lambda idx: fam.cond_from_prompts([prompts[i] for i in idx])), len(prompts)
+  labels = np.asarray(labels, np.int32)
+  return (lambda idx: fam.cond_from_labels(labels[idx])), len(labels)
 
 
 def main(argv=None):
@@ -297,6 +355,13 @@ def _main(argv):
                       "grid k/N and takes k steps")
   parser.add_argument("--mask", default="",
                       help="an image: white where --init_image is to be filled, black where kept")
+  parser.add_argument("--source_label", type=int, default=None,
+                      help="style transfer (paper §4.3): --init_image's class; it is encoded under "
+                      "this class and decoded under --labels (a student encodes with the distilled "
+                      "encoder of its step count)")
+  parser.add_argument("--source_prompt", default=None,
+                      help="style transfer for a text-conditioned model: --init_image's caption, "
+                      "decoded under --prompt")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/samples)")
   parser.add_argument("--compilation_cache_dir", default=None,
@@ -346,8 +411,12 @@ def _main(argv):
     row_labels = [row_labels[i % len(row_labels)] % classes for i in range(per_row)]
     extra["labels"] = np.tile(row_labels, len(w_values))
   w = np.repeat(w_values, per_row)
-  edit, kind = _edit_inputs(args, loaded)
-  if edit:
+  edit, kind = _edit_inputs(args, loaded, len(w))
+  if kind == "transfer":
+    steps = sampler_steps(loaded, args.sampler, args.num_steps)
+    logging.info("style transfer: encoded in %d steps, decoded in %d",
+                 encoder_steps(edit.get("encoder", loaded), args.num_steps), steps)
+  elif edit:
     steps, t_start = edit_start(loaded, args.sampler, args.num_steps, edit["strength"])
     logging.info("%s from t0 = %.4g (strength %s): %d steps", kind, t_start, edit["strength"],
                  steps)
@@ -359,7 +428,8 @@ def _main(argv):
   name = f"{args.model}{loaded.num_steps or ''}_{args.sampler}_{steps}steps"
   tiles = x
   if edit:  # each row starts with the source (its filled region grey)
-    name += f"_{kind}{edit['strength']:g}"
+    name += (f"_{kind}{args.source_label if args.source_prompt is None else ''}"
+             if kind == "transfer" else f"_{kind}{edit['strength']:g}")
     shown = edit["source"]
     if "fill_mask" in edit:
       shown = shown * (1.0 - edit["fill_mask"][..., None])  # 0: mid-grey in [−1, 1]
@@ -367,7 +437,8 @@ def _main(argv):
     tiles = np.concatenate([np.broadcast_to(shown, (len(w_values), 1) + shown.shape), rows],
                            axis=1).reshape((-1,) + x.shape[1:])
     extra.update(source=edit["source"], **({"mask": edit["fill_mask"]}
-                                           if "fill_mask" in edit else {}))
+                                           if "fill_mask" in edit else {}),
+                 **{k: edit[k] for k in ("source_labels", "source_prompts") if k in edit})
   name += f"_seed{args.seed}"
   images.save_png(images.grid(tiles, rows=len(w_values)), out / f"{name}.png", scale=4)
   out.mkdir(parents=True, exist_ok=True)
@@ -377,15 +448,37 @@ def _main(argv):
         "network evaluations each)")
 
 
-def _edit_inputs(args, loaded: LoadedModel) -> tuple[dict, str]:
-  """``generate``'s editing arguments from ``--init_image``, ``--mask`` and ``--strength``, and
-  the edit's name (``img2img`` or ``inpaint``); nothing without ``--init_image``."""
+def _edit_inputs(args, loaded: LoadedModel, count: int) -> tuple[dict, str]:
+  """``generate``'s editing arguments from ``--init_image``, ``--mask``, ``--strength`` and
+  ``--source_label``/``--source_prompt`` (for ``count`` examples), and the edit's name
+  (``img2img``, ``inpaint`` or ``transfer``); nothing without ``--init_image``."""
+  transfer = args.source_label is not None or args.source_prompt is not None
   if not args.init_image:
-    if args.mask or args.strength is not None:
-      raise ValueError("--mask and --strength edit an image: pass --init_image=PATH as well.")
+    if args.mask or args.strength is not None or transfer:
+      raise ValueError("--mask, --strength and --source_label/--source_prompt edit an image: "
+                       "pass --init_image=PATH as well.")
     return {}, ""
   h, w, c = loaded.family.image_shape
   edit = {"source": editing.read_image(args.init_image, size=(h, w), channels=c)}
+  if transfer:
+    if args.mask or args.strength is not None:
+      raise ValueError("style transfer encodes the whole image to t = 1: drop --mask and "
+                       "--strength.")
+    if args.source_prompt is not None:
+      edit["source_prompts"] = [args.source_prompt] * count
+    else:
+      classes = loaded.config.data.num_classes
+      if not classes or not 0 <= args.source_label < classes:
+        raise ValueError(f"--source_label={args.source_label} is not a class of this model "
+                         f"(classes: {classes or 'none, it takes --source_prompt'}).")
+      edit["source_labels"] = np.full((count,), args.source_label, np.int32)
+    if loaded.kind == "student":
+      if args.pretrained:
+        raise ValueError("--pretrained: an exported student has no distilled encoder; pass the "
+                         "training run's --workdir for style transfer.")
+      edit["encoder"] = load_model(args.workdir, ENCODER, num_steps=loaded.num_steps,
+                                   mesh=loaded.mesh)
+    return edit, "transfer"
   if args.mask:
     edit["fill_mask"] = editing.read_mask(args.mask, size=(h, w))
   edit["strength"] = (args.strength if args.strength is not None
