@@ -332,8 +332,9 @@ def test_bad_parts_configs_give_one_line_errors(tmp_path):
 def test_text_guided_edits_of_an_emoji(emoji_run, tmp_path, monkeypatch):
   """Image-to-image with a prompt through distill.sample (stage one at strength 0.5, 4 steps), and
   inpainting with the one-step student: its known latent cells are put back after the step, and
-  the decoded image keeps the source's pixels outside the mask. The student's edit equals the
-  one computed here from the library's parts."""
+  the decoded image keeps the source's pixels outside the mask; style transfer from the source's
+  caption to a prompt with stage one. The student's edit and the transfer equal the ones computed
+  here from the library's parts."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from distill import denoiser, diffusion, editing, input_pipeline  # pylint: disable=import-outside-toplevel
   config, workdir = emoji_run
@@ -373,6 +374,24 @@ def test_text_guided_edits_of_an_emoji(emoji_run, tmp_path, monkeypatch):
   np.testing.assert_array_equal(np.asarray(latents)[np.asarray(keep[..., 0]) > 0],
                                 np.asarray(x)[np.asarray(keep[..., 0]) > 0])
   want = editing.composite(fam.decode(latents), source[None], fill[None])
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+  # Style transfer (paper §4.3) with a prompt: stage one encodes the source under its own
+  # caption (DDIM, 2 steps from the data) and decodes under "red heart", as written here.
+  sample._main([f"--workdir={workdir}", "--model=stage_one", "--num_steps=2",  # pylint: disable=protected-access
+                "--init_image=source.png", f"--source_prompt={item['caption']}",
+                "--prompt=red heart", "--w=2", "--per_row=1", "--out=edits", cache])
+  with np.load(tmp_path / "edits" / "stage_one_deterministic_2steps_transfer_seed0.npz") as f:
+    got, source = f["images"], f["source"]
+    assert list(f["source_prompts"]) == [item["caption"]]
+  one = sample.load_model(workdir, "stage_one")
+  w = jnp.full((1,), 2.0)
+  code = diffusion.encode_deterministic(
+      denoiser.v_fn(fam, one.params, fam.cond_from_prompts([item["caption"]]), w),
+      fam.encode_images(source[None]), 2, logsnr_fn=fam.logsnr_fn)
+  want = fam.decode(diffusion.sample_deterministic(
+      denoiser.denoise_fn(fam, one.params, fam.cond_from_prompts(["red heart"]), w), code, 2,
+      logsnr_fn=fam.logsnr_fn))
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
