@@ -26,10 +26,11 @@ ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0,
                "teacher_v.weighting": "snr_trunc", "data.tfds_name": "",
                "data.tfds_caption": "captions/text", "data.tfds_train_split": "train",
                "data.tfds_held_out_split": "val", "latent.cache": False}
-# Sections added after workdirs were started, each configuring links of its own only: absent
-# from a recorded config, no link of theirs can have been trained, so the section is adopted from
-# the current config (and recorded, so a later change to it is refused).
-SECTIONS_ADDED_LATER = ("encoder",)
+# Sections that configure optional links of their own only, each with the test of whether a
+# recorded section has links: absent from a recorded config (a workdir started before the section
+# existed) or recorded without links, none of theirs can have been trained, so the section is
+# adopted from the current config (and recorded, so a later change to it is refused).
+OPTIONAL_SECTIONS = {"encoder": lambda section: int(section.get("start_num_steps", 0)) > 0}
 
 
 def relevant_config(config) -> dict:
@@ -86,7 +87,9 @@ class Manifest:
       return
     if self.data["config_hash"] != digest:
       current = relevant_config(config)
-      adopted = [k for k in SECTIONS_ADDED_LATER if k in current and k not in self.data["config"]]
+      recorded = self.data["config"]
+      adopted = [k for k, has_links in OPTIONAL_SECTIONS.items()
+                 if k in current and not (k in recorded and has_links(recorded[k]))]
       for k in adopted:
         self.data["config"][k] = current[k]
       old, new = _flatten(self.data["config"]), _flatten(current)

@@ -40,3 +40,25 @@ def test_workdir_refuses_a_changed_field(tmp_path):
   config.stage_one.lr = 0.5
   with pytest.raises(ValueError, match=f"stage_one.lr: {before!r} -> 0.5"):
     manifest.Manifest(tmp_path).check_config(config)
+
+
+def test_an_encoder_section_without_links_is_adopted_then_held(tmp_path):
+  """A workdir recorded with no encoder links (``encoder.start_num_steps = 0``, as every config
+  but digits and emoji) takes an encoder later: the section is adopted and recorded; then a
+  change to it, or to its links, is refused as any other change."""
+  config = load_config("cifar10:runlocal")
+  config.encoder.start_num_steps = 0
+  manifest.Manifest(tmp_path).check_config(config)
+  config.encoder.start_num_steps = 8
+  config.encoder.lr = 3e-4
+  manifest.Manifest(tmp_path).check_config(config)
+  recorded = json.loads((tmp_path / "manifest.json").read_text())
+  assert recorded["config"]["encoder"]["start_num_steps"] == 8
+  assert recorded["config_hash"] == manifest.config_hash(config)
+  config.encoder.start_num_steps = 16
+  with pytest.raises(ValueError, match=r"encoder.start_num_steps: 8 -> 16"):
+    manifest.Manifest(tmp_path).check_config(config)
+  config.encoder.start_num_steps = 8
+  config.stage_one.lr = 0.5  # adoption never hides a change elsewhere
+  with pytest.raises(ValueError, match=r"stage_one.lr"):
+    manifest.Manifest(tmp_path).check_config(config)
