@@ -53,6 +53,8 @@ def main(argv=None):
   w = np.repeat(w_values, 10)
   grids = {}
   for link in layout.chain(config):
+    if link.stage == "encoder":  # encoders do not sample (bench/style_transfer.py measures them)
+      continue
     kind = {"teacher": "teacher", "stage_one": "stage_one"}.get(link.name, "student")
     loaded = sample.load_model(workdir, kind, num_steps=link.num_steps, config=config)
     steps = {"teacher": args.teacher_steps,
@@ -80,6 +82,8 @@ def main(argv=None):
   stage_total = 0.0
   for link in layout.chain(config) + ([layout.Link("eval", "eval", -1)]
                                         if "eval" in manifest["stages"] else []):
+    if link.stage == "encoder" and link.name not in manifest["stages"]:
+      continue  # not trained by this run
     entry = manifest["stages"].get(link.name, {})
     seconds = entry.get("seconds", float("nan"))
     stage_total += seconds

@@ -213,14 +213,16 @@ def shrink_for_cpu(config, *, steps: int = 6) -> None:
 
 
 def shrink_encoder_for_cpu(config, *, steps: int) -> None:
-  """The encoder of a ``runlocal`` variant (trained when "encoder" is in stages): encoders of 2
-  and 1 steps, a few steps each, as stage two's halvings."""
+  """The encoder of a ``runlocal`` variant of a config with one (trained when "encoder" is in
+  stages): encoders of 2 and 1 steps, a few steps each, as stage two's halvings. A config without
+  an encoder (``start_num_steps = 0``) keeps none."""
   for field in ("batch_size", "lr", "warmup_steps", "ema_decay", "log_every", "checkpoint_every"):
     config.encoder[field] = config.stage_two[field]
   config.encoder.train_steps_per_halving = steps
   config.encoder.long_halving_max_steps = 0
-  config.encoder.start_num_steps = 4
-  config.encoder.end_num_steps = 1
+  if config.encoder.start_num_steps:
+    config.encoder.start_num_steps = 4
+    config.encoder.end_num_steps = 1
 
 
 def parse_arg(arg: str | None) -> dict:

@@ -186,7 +186,8 @@ def test_inpainting_keeps_the_source_outside_the_mask(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--mask=m.png"], "--mask and --strength edit an image: pass --init_image"),
+    (["--mask=m.png"], "--mask, --strength and --source_label/--source_prompt edit an image: "
+                       "pass --init_image"),
     (["--init_image=missing.png"], "missing.png: no such image file"),
     (["--init_image=digit.png", "--strength=1.5"], r"strength=1\.5 must be in \(0, 1\]"),
 ])
