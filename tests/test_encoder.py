@@ -187,34 +187,38 @@ def test_encoder_links_learn_from_stage_one(encoder_run, caplog):
 def test_style_transfer_is_the_encoder_then_the_student(encoder_run, tmp_path):
   """``generate`` with ``source_labels`` equals DDIM encoding by the 2-step encoder under the
   source's class, then the 2-step student's DDIM under the target class, written with the
-  samplers directly; the CLI writes the same images."""
-  config, workdir = encoder_run
+  samplers directly; the CLI writes the same images. (Every call has 6 examples: one compile.)"""
+  _, workdir = encoder_run
   student = sample.load_model(workdir, "student", num_steps=2)
   encoder = sample.load_model(workdir, sample.ENCODER, num_steps=2)
   digits = load_digits()
-  source = (digits.images[:3] / 8.0 - 1.0)[..., None].astype(np.float32)
-  a_labels, b_labels = digits.target[:3], (digits.target[:3] + 1) % 10
-  w = np.array([0.0, 1.0, 4.0], np.float32)
+  source = (digits.images[:6] / 8.0 - 1.0)[..., None].astype(np.float32)
+  a_labels, b_labels = digits.target[:6], (digits.target[:6] + 1) % 10
+  w = np.linspace(0.0, 4.0, 6).astype(np.float32)
   got = sample.generate(student, sampler="deterministic", num_steps=2, labels=b_labels, w=w,
                         seed=0, source=source, source_labels=a_labels, encoder=encoder)
   fam = student.family
-  z1 = diffusion.encode_deterministic(
-      denoiser.v_fn(fam, encoder.params, fam.cond_from_labels(a_labels), w), source, 2)
-  want = diffusion.sample_deterministic(
-      denoiser.denoise_fn(fam, student.params, fam.cond_from_labels(b_labels), w), z1, 2)
-  np.testing.assert_allclose(got, want, atol=1e-5)
+
+  @jax.jit
+  def by_hand(source, a, b, w):
+    z1 = diffusion.encode_deterministic(
+        denoiser.v_fn(fam, encoder.params, fam.cond_from_labels(a), w), source, 2)
+    return diffusion.sample_deterministic(
+        denoiser.denoise_fn(fam, student.params, fam.cond_from_labels(b), w), z1, 2)
+
+  np.testing.assert_allclose(got, by_hand(source, a_labels, b_labels, w), atol=1e-5)
   assert np.abs(got - source).max() > 0.1
   # The CLI: one source for every example of the grid, decoded under --labels.
   Image.fromarray((digits.images[0] * 255 / 16).astype(np.uint8)).save(tmp_path / "zero.png")
   sample.main([f"--workdir={workdir}", "--num_steps=2", f"--init_image={tmp_path / 'zero.png'}",
-               "--source_label=0", "--labels=1,2", "--w=1", f"--out={tmp_path}"])
+               "--source_label=0", "--labels=1,2", "--per_row=6", "--w=1", f"--out={tmp_path}"])
   with np.load(tmp_path / "student2_deterministic_2steps_transfer0_seed0.npz") as f:
     cli = f["images"]
-    assert list(f["source_labels"]) == [0] * 10 and list(f["labels"]) == [1, 2] * 5
+    assert list(f["source_labels"]) == [0] * 6 and list(f["labels"]) == [1, 2] * 3
   png = editing.read_image(tmp_path / "zero.png", size=(8, 8), channels=1)  # 8-bit levels
-  first = sample.generate(student, sampler="deterministic", num_steps=2, labels=[1, 2], w=1.0,
-                          seed=0, source=png, source_labels=[0, 0], encoder=encoder)
-  np.testing.assert_allclose(cli[:2], first, atol=1e-5)
+  want = sample.generate(student, sampler="deterministic", num_steps=2, labels=[1, 2] * 3,
+                         w=1.0, seed=0, source=png, source_labels=[0] * 6, encoder=encoder)
+  np.testing.assert_allclose(cli, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("args,message", [
