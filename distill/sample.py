@@ -444,8 +444,11 @@ def _main(argv):
   out.mkdir(parents=True, exist_ok=True)
   with (out / f"{name}.npz").open("wb") as f:
     np.savez(f, images=x, w=w, **{k: np.asarray(v) for k, v in extra.items()})
-  print(f"wrote {out / name}.png and .npz ({len(x)} samples, {evaluations(loaded, args.sampler, steps)} "
-        "network evaluations each)")
+  evals = evaluations(loaded, args.sampler, steps)
+  if kind == "transfer":  # and the encoder's
+    encoder = edit.get("encoder", loaded)
+    evals += evaluations(encoder, "deterministic", encoder_steps(encoder, args.num_steps))
+  print(f"wrote {out / name}.png and .npz ({len(x)} samples, {evals} network evaluations each)")
 
 
 def _edit_inputs(args, loaded: LoadedModel, count: int) -> tuple[dict, str]:
