@@ -2,9 +2,9 @@
 
 A workdir holds one directory per link of the chain (``teacher/``, for a latent teacher the
 optional ε→v fine-tuning ``teacher_v/``, ``stage_one/``, ``stage_two/N=<n>/``, the distilled
-encoders ``encoder/N=<n>/``), each with its
-Orbax checkpoints; ``pipeline`` trains them, ``sample`` and ``evaluation`` read them, and all
-three read this module (never each other's internals).
+encoders ``encoder/N=<n>/``), each with its Orbax checkpoints; ``pipeline`` trains them,
+``sample`` and ``evaluation`` read them, and all three read this module (never each other's
+internals).
 """
 
 from __future__ import annotations
