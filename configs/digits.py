@@ -69,18 +69,8 @@ def get_config(arg=None):
 
   # The distilled encoder (paper §4.3), for style transfer: --config.stages=encoder on a finished
   # run. The stage-one student encoding with 32 DDIM steps is the first teacher; encoders of 16 to
-  # 1 steps train as the halvings do (docs/editing.md, "Style transfer").
-  config.encoder.batch_size = 64
-  config.encoder.start_num_steps = 32
-  config.encoder.end_num_steps = 1
-  config.encoder.train_steps_per_halving = 200
-  config.encoder.long_halving_max_steps = 4
-  config.encoder.long_halving_train_steps = 800
-  config.encoder.lr = 2e-4
-  config.encoder.warmup_steps = 20
-  config.encoder.lr_decay = "linear"
-  config.encoder.w_loss_weight = "inverse_square"
-  config.encoder.checkpoint_every = 200
+  # 1 steps train as the halvings above do (docs/editing.md, "Style transfer").
+  common.encoder_as_halvings(config, start_num_steps=32)
 
   # Every method, step count and w of the Table-1 comparison, with one seed of 1000 samples per
   # cell: a third of the eval time of three seeds. --config.eval.seeds=0,1,2 gives the

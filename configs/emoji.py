@@ -113,10 +113,7 @@ def get_config(arg=None):
   config.stage_two.long_halving_train_steps = 500
   # The distilled encoder (paper §4.3), for caption A -> caption B style transfer:
   # --config.stages=encoder on a finished run; encoders of 8 to 1 steps, trained as the halvings.
-  config.encoder.update(dict(
-      batch_size=64, lr=1e-4, checkpoint_every=1000, w_loss_weight="inverse_square",
-      start_num_steps=16, train_steps_per_halving=300, long_halving_max_steps=4,
-      long_halving_train_steps=500))
+  common.encoder_as_halvings(config, start_num_steps=16)
 
   config.eval.features = "clip"  # the evaluator CLIP (clip_eval), never the conditioning one
   config.eval.w_values = (0.0, 2.0, 4.0, 8.0)
@@ -143,8 +140,7 @@ def get_config(arg=None):
     config.latent.unet.norm_num_groups = 4
     config.latent.unet.attention_head_dim = (2, 2)
     config.latent.w_embedding_dim = 8
-    for name in ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two",
-                 "encoder"):
+    for name in ("autoencoder", "clip", "teacher", "teacher_v", "stage_one", "stage_two"):
       section = config[name]
       section.batch_size = 8
       section.warmup_steps = 0
@@ -155,8 +151,7 @@ def get_config(arg=None):
     config.stage_two.train_steps_per_halving = 4
     config.stage_two.long_halving_train_steps = 4
     config.stage_two.start_num_steps = 4
-    config.encoder.update(dict(train_steps_per_halving=4, long_halving_train_steps=4,
-                               start_num_steps=4))
+    common.shrink_encoder_for_cpu(config)
     config.eval.w_values = (0.0, 4.0)
     config.eval.num_samples = 16
     config.eval.teacher_steps = 4

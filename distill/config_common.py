@@ -198,7 +198,7 @@ def shrink_for_cpu(config, *, steps: int = 6) -> None:
   config.stage_two.long_halving_max_steps = 0
   config.stage_two.start_num_steps = 8
   config.stage_two.end_num_steps = 1
-  shrink_encoder_for_cpu(config, steps=steps)
+  shrink_encoder_for_cpu(config)
   config.teacher.sample_steps = 4
   config.stage_one.sample_steps = 4
   config.eval.w_values = (0.0, 1.0)
@@ -212,17 +212,28 @@ def shrink_for_cpu(config, *, steps: int = 6) -> None:
   config.eval.batch_size = 20
 
 
-def shrink_encoder_for_cpu(config, *, steps: int) -> None:
-  """The encoder of a ``runlocal`` variant of a config with one (trained when "encoder" is in
-  stages): encoders of 2 and 1 steps, a few steps each, as stage two's halvings. A config without
-  an encoder (``start_num_steps = 0``) keeps none."""
-  for field in ("batch_size", "lr", "warmup_steps", "ema_decay", "log_every", "checkpoint_every"):
+# The fields an encoder trains with, as stage two's halvings (``encoder_as_halvings``).
+HALVING_TRAINING_FIELDS = (
+    "batch_size", "lr", "warmup_steps", "lr_decay", "grad_clip", "adam_b1", "adam_b2", "adam_eps",
+    "ema_decay", "log_every", "checkpoint_every", "max_to_keep", "max_consecutive_nonfinite",
+    "train_steps_per_halving", "long_halving_max_steps", "long_halving_train_steps",
+    "w_loss_weight", "w_sample_power", "dropout")
+
+
+def encoder_as_halvings(config, *, start_num_steps: int, end_num_steps: int = 1) -> None:
+  """The distilled encoder trained as stage two's halvings are (its optimiser, schedule, steps per
+  halving, w weighting), copied from ``config.stage_two`` as it stands; encoders of
+  ``start_num_steps/2`` down to ``end_num_steps`` steps (0: no encoder)."""
+  for field in HALVING_TRAINING_FIELDS:
     config.encoder[field] = config.stage_two[field]
-  config.encoder.train_steps_per_halving = steps
-  config.encoder.long_halving_max_steps = 0
-  if config.encoder.start_num_steps:
-    config.encoder.start_num_steps = 4
-    config.encoder.end_num_steps = 1
+  config.encoder.start_num_steps = start_num_steps
+  config.encoder.end_num_steps = end_num_steps
+
+
+def shrink_encoder_for_cpu(config) -> None:
+  """The encoder of a ``runlocal`` variant, after its stage two is shrunk: encoders of 2 and 1
+  steps where the full config has an encoder, none otherwise."""
+  encoder_as_halvings(config, start_num_steps=4 if config.encoder.start_num_steps else 0)
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -335,4 +346,4 @@ def shrink_latent_for_cpu(config, *, pretrained: str, steps: int = 6) -> None:
   config.stage_two.long_halving_max_steps = 0
   config.stage_two.start_num_steps = 8
   config.stage_two.end_num_steps = 1
-  shrink_encoder_for_cpu(config, steps=steps)
+  shrink_encoder_for_cpu(config)
