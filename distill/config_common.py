@@ -17,8 +17,11 @@ def base_config() -> ml_collections.ConfigDict:
   # teacher, stage_one, stage_two, eval. A stage not listed is read from the workdir when a
   # later one needs it (it must be complete there).
   config.stages = "teacher,stage_one,stage_two,eval"
-  # Devices in the ('data',) mesh; -1 = every device of every process.
+  # Devices in the ('data', 'fsdp') mesh; -1 = every device of every process.
   config.num_devices = -1
+  # mesh.fsdp: the devices each parameter, EMA and optimiser moment (and the frozen teacher) is
+  # split over (distill/sharding.py); data parallelism takes the rest. 1 = replicated state.
+  config.mesh = ml_collections.ConfigDict(dict(fsdp=1))
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"

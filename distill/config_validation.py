@@ -78,6 +78,10 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
                        "needs --config.family=latent (and a latent section; see configs/sd15.py).")
   if config.num_devices != -1 and config.num_devices < 1:
     raise ValueError(f"num_devices={config.num_devices} must be >= 1, or -1 for all devices.")
+  fsdp = config.get("mesh", {}).get("fsdp", 1)
+  if not isinstance(fsdp, int) or fsdp < 1 or num_devices % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must divide the mesh's {num_devices} devices: use one of "
+                     f"{[n for n in range(1, num_devices + 1) if num_devices % n == 0]}.")
   if "teacher_v" in stages and not layout.has_teacher_v(config):
     raise ValueError("stages names teacher_v, but the config has no teacher_v section with "
                      "num_train_steps > 0: drop it from --config.stages.")

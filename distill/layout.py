@@ -131,17 +131,14 @@ def section_of(config, link: Link):
 
 
 def abstract_params(fam, link_name: str, mesh):
-  """Shapes, dtypes and (replicated) shardings of a link's parameters: the teacher's or, for
-  any other link, a student's."""
+  """Shapes, dtypes and shardings (``sharding.param_spec``) of a link's parameters: the
+  teacher's or, for any other link, a student's."""
   if link_name in ("teacher", "teacher_v"):
     init = lambda: fam.init_teacher(jax.random.key(0))
   else:
     init = lambda: fam.student_from_teacher(fam.init_teacher(jax.random.key(0)),
                                             jax.random.key(0))
-  shapes = jax.eval_shape(init)
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      shapes)
+  return sharding.abstract_params(mesh, jax.eval_shape(init))
 
 
 def read_final_params(config, workdir, link: Link, mesh):
@@ -154,7 +151,7 @@ def read_final_params(config, workdir, link: Link, mesh):
     return read_teacher_checkpoint(config, mesh)
   config = fill_trained_parts(config, workdir)
   if is_imported(config, link):
-    return jax.device_put(family.of(config).init_teacher(None), sharding.replicated(mesh))
+    return sharding.shard_params(mesh, family.of(config).init_teacher(None))
   directory = link.directory(workdir)
   want = int(section_of(config, link).num_train_steps)
   try:
@@ -167,9 +164,7 @@ def read_final_params(config, workdir, link: Link, mesh):
                      "an existing teacher with --config.teacher.checkpoint=PATH.")
   if is_part(link):
     from distill.latent import parts  # pylint: disable=import-outside-toplevel
-    replicated = sharding.replicated(mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            parts.abstract_params(config, workdir, link.name))
+    abstract = sharding.abstract_params(mesh, parts.abstract_params(config, workdir, link.name))
   else:
     abstract = abstract_params(family.of(config), link.name, mesh)
   return checkpoints.read_params(directory / "checkpoints" / str(want), abstract,

@@ -3,7 +3,8 @@
 A rerun with a config whose result-relevant fields differ from the recorded ones is refused
 with the fields that changed, rather than silently mixing two runs. Fields that do not change
 what is trained are left out of the hash: which stages run now, the device count, logging,
-checkpoint and sample-grid intervals, the data directory and the evaluation settings.
+checkpoint and sample-grid intervals, the data directory and the evaluation settings. The mesh
+(device count and ``mesh.fsdp``) is among them: a run resumes on another mesh.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from etils import epath
 
 from distill import files
 
-IGNORED_TOP = ("stages", "num_devices", "eval")
+IGNORED_TOP = ("stages", "num_devices", "mesh", "eval")
 IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_keep",
                       "max_consecutive_nonfinite", "sample_w", "sample_steps", "data_dir")
 # Fields added after workdirs were started: absent from a recorded config, they had this value

@@ -41,7 +41,15 @@ def stage_key(config, name: str) -> jax.Array:
 
 
 def make_mesh(config):
-  return sharding.make_mesh(None if config.num_devices == -1 else config.num_devices)
+  """The run's ``('data', 'fsdp')`` mesh: ``num_devices`` devices, ``mesh.fsdp`` of them per
+  split of the state."""
+  return sharding.make_mesh(None if config.num_devices == -1 else config.num_devices,
+                            fsdp=fsdp_size(config))
+
+
+def fsdp_size(config) -> int:
+  """``config.mesh.fsdp``; 1 for a config recorded before the field existed."""
+  return int(config.get("mesh", {}).get("fsdp", 1))
 
 
 def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: int | None = None):

@@ -48,15 +48,15 @@ class LoadedModel:
   params: Any
   config: ml_collections.ConfigDict
   num_steps: int | None = None  # a student's trained step count
-  mesh: jax.sharding.Mesh | None = None  # params replicated on it; batches split over it
+  mesh: jax.sharding.Mesh | None = None  # params laid out on it; batches split over it
 
 
 def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
                mesh=None) -> LoadedModel:
   """Reads a finished model of the chain from ``workdir``; clear errors for what is missing.
 
-  The parameters are replicated on ``mesh`` (default: one device), and ``generate`` splits each
-  batch over it."""
+  The parameters are laid out on ``mesh`` by ``sharding.param_spec`` (default: one device), and
+  ``generate`` splits each batch over it."""
   if kind not in MODELS + (ENCODER,):
     raise ValueError(f"model={kind!r} is not one of {list(MODELS)}.")
   workdir = paths.resolve(workdir)
@@ -106,7 +106,7 @@ def load_exported(folder, *, mesh=None) -> LoadedModel:
         "stage_two": {"train_for_stochastic": info["train_for_stochastic"]},
         "data": {"num_classes": info["num_classes"]}})
     params = fam.models.unet_params
-  params = jax.device_put(params, sharding.replicated(mesh))
+  params = sharding.shard_params(mesh, params)
   return LoadedModel(info["model"], fam, params, config, info["num_steps"], mesh)
 
 

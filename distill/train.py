@@ -2,8 +2,9 @@
 
 * ``TrainState``: step, params, EMA params, optimiser state, and the counts of skipped updates.
 * ``make_optimizer``: Adam with linear warm-up, optional cosine/linear decay, global-norm clipping.
-* ``make_train_step``: one ``jax.jit`` step, state donated, parameters replicated and the batch
-  split over the ``('data',)`` mesh. Its key is ``fold_in(base_key, step)``, so a resumed run is
+* ``make_train_step``: one ``jax.jit`` step, state donated, the state laid out by
+  ``sharding.param_spec`` (replicated, or split along ``fsdp``) and the batch split over every
+  device of the ``('data', 'fsdp')`` mesh. Its key is ``fold_in(base_key, step)``, so a resumed run is
   bit-identical. A non-finite loss or gradient leaves params, EMA and optimiser state unchanged
   and is counted.
 * ``train``: restores the newest readable checkpoint (or initialises), iterates the data from the
@@ -110,17 +111,16 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
                    learning_rate=schedule(state.step), skipped=skipped,
                    skipped_total=new_state.skipped_total,
                    skipped_in_row=new_state.skipped_in_row)
-    return new_state, metrics
+    return (sharding.constrain_params(mesh, new_state),
+            jax.lax.with_sharding_constraint(metrics, sharding.replicated(mesh)))
 
-  replicated = sharding.replicated(mesh)
-  return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  return jax.jit(step, donate_argnums=(0,))
 
 
 def abstract_state(init_fn: Callable[[], TrainState], mesh):
-  """Shapes, dtypes and (replicated) shardings of the state ``init_fn`` would make."""
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                      jax.eval_shape(init_fn))
+  """Shapes, dtypes and shardings (``sharding.param_spec``) of the state ``init_fn`` would
+  make."""
+  return sharding.abstract_params(mesh, jax.eval_shape(init_fn))
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, float]:
@@ -155,7 +155,7 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
   if state is None:
     # A copy: the step donates the state, and init_params may return the caller's arrays
     # (a halving's student starts as its frozen teacher).
-    state = jax.device_put(make_state(), sharding.replicated(mesh), may_alias=False)
+    state = sharding.shard_params(mesh, make_state(), may_alias=False)
     logging.info("%s: starting from step 0", name)
   else:
     logging.info("%s: resuming from checkpoint at step %d", name, restored_step)
@@ -172,7 +172,7 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
   is_main = jax.process_index() == 0
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=stage_cfg.log_every)
-  frozen = None if frozen is None else sharding.replicate(mesh, frozen)
+  frozen = None if frozen is None else sharding.shard_params(mesh, frozen)
   step_fn = make_train_step(objective, tx, schedule, ema_decay=stage_cfg.ema_decay, mesh=mesh)
   data = input_pipeline.iterate(batches, start)
   max_in_row = int(stage_cfg.max_consecutive_nonfinite)
