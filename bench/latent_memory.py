@@ -1,6 +1,7 @@
 """Per-chip memory of distilling Stable Diffusion 1.5, before launching (nothing is allocated).
 
-    python bench/latent_memory.py [--batches=1,4] [--remat=off|on|both] [--quick]
+    python bench/latent_memory.py [--batches=1,4] [--remat=off|on|both]
+        [--attention=xla,chunked] [--quick]
 
 1. Parameter counts of the SD 1.5 U-Net, text encoder and VAE from ``jax.eval_shape`` of the
    modules built from their published configs (``distill/latent/reference_configs.py``).
@@ -13,6 +14,8 @@
    each per-chip batch with and without ``remat``. A TPU compile lays memory out differently,
    so this is an estimate, not a guarantee. The teacher's forward pass (no gradient, batch 2B
    for both guidance branches) is smaller than the student's backward pass and is not added.
+   ``--attention`` lists the attention implementations to compile with (distill/attention.py):
+   ``xla`` builds the full ``L×L`` maps, ``chunked`` never does.
    XLA's CPU compiler does not keep ``jax.checkpoint``'s recomputation (6 attention blocks:
    211 MiB of temporaries with and without it, 32.5 MiB forward only), so ``--remat=on`` rows
    measured here show no saving and say nothing about a TPU compile; the default is off.
@@ -71,6 +74,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--batches", default="1,4")
   parser.add_argument("--remat", default="off", choices=("both", "on", "off"))
+  parser.add_argument("--attention", default="xla,chunked",
+                      help="comma-separated implementations of distill/attention.py")
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")] if not args.quick else [1]
@@ -78,6 +83,7 @@ def main(argv=None):
       "off" if args.quick else args.remat]
   unet_cfg = unet.UNetConfig.from_diffusers(TINY_UNET if args.quick else reference_configs.SD15_UNET)
   size = 16 if args.quick else 64
+  attentions = ("auto",) if args.quick else tuple(args.attention.split(","))
   u_params = _params(unet.UNet2DConditionModel(unet_cfg), jnp.zeros((1, 8, 8, 4)),
                      jnp.zeros((1,)), jnp.zeros((1, 77, unet_cfg.cross_attention_dim)))
   n_unet = _count(u_params)
@@ -90,13 +96,14 @@ def main(argv=None):
            "teacher U-Net (bf16)": 2 * n_unet}
   state_total = sum(state.values())
   rows = []
-  for remat in remats:
-    module = unet.UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, remat=remat)
-    for b in batches:
-      r = activation_bytes(module, u_params, b, size, unet_cfg.cross_attention_dim)
-      r["remat"] = remat
-      r["total_bytes"] = state_total + r["temp_bytes"]
-      rows.append(r)
+  for attention in attentions:
+    for remat in remats:
+      module = unet.UNet2DConditionModel(unet_cfg, dtype=jnp.bfloat16, remat=remat,
+                                         attention=attention)
+      for b in batches:
+        r = activation_bytes(module, u_params, b, size, unet_cfg.cross_attention_dim)
+        r.update(remat=remat, attention=attention, total_bytes=state_total + r["temp_bytes"])
+        rows.append(r)
 
   gib = 2**30
   print(f"# python bench/latent_memory.py {' '.join(argv or sys.argv[1:])}")
@@ -108,11 +115,12 @@ def main(argv=None):
     print(f"| {k} | {v / gib:.2f} |")
   print(f"| **total** | **{state_total / gib:.2f}** |")
   print(f"| (text encoder + VAE in bf16, if resident) | {2 * (n_text + n_vae) / gib:.2f} |\n")
-  print("| per-chip batch | remat | activations (GiB) | state + activations (GiB) | fits on |"
-        "\n|---|---|---|---|---|")
+  print("| attention | per-chip batch | remat | activations (GiB) | state + activations (GiB) "
+        "| fits on |\n|---|---|---|---|---|---|")
   for r in rows:
     fits = [c for c, hbm in CHIPS.items() if r["total_bytes"] < 0.9 * hbm * gib]
-    print(f"| {r['batch']} | {'on' if r['remat'] else 'off'} | {r['temp_bytes'] / gib:.2f} | "
+    print(f"| {r['attention']} | {r['batch']} | {'on' if r['remat'] else 'off'} | "
+          f"{r['temp_bytes'] / gib:.2f} | "
           f"{r['total_bytes'] / gib:.2f} | {', '.join(fits) or 'none (shard the state)'} |")
   result = {"unet_params": n_unet, "text_params": n_text, "vae_params": n_vae,
             "state_bytes": state_total, "rows": rows}

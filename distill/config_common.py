@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.w_fourier_scale = 250.0  # w-embedding: sinusoidal features of w * this scale
   config.model.dtype = "float32"  # activations; parameters and the loss stay float32
   config.model.remat = False
+  # Attention implementation (distill/attention.py): "auto" picks cuDNN on GPU, the Pallas flash
+  # kernel on TPU, XLA's or the chunked attention elsewhere; results agree to float32 rounding.
+  config.model.attention = "auto"
 
   # Classifier-free-guided teacher [x_c, x_u]: one network, label dropout to the null label.
   config.teacher = train_section(

@@ -20,7 +20,8 @@ from distill import files
 
 IGNORED_TOP = ("stages", "num_devices", "mesh", "eval")
 IGNORED_IN_SECTION = ("log_every", "checkpoint_every", "sample_every", "max_to_keep",
-                      "max_consecutive_nonfinite", "sample_w", "sample_steps", "data_dir")
+                      "max_consecutive_nonfinite", "sample_w", "sample_steps", "data_dir",
+                      "attention")
 # Fields added after workdirs were started: absent from a recorded config, they had this value
 # (the behaviour before the field existed), so a workdir started earlier still resumes.
 ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0,

@@ -252,7 +252,8 @@ def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple
                      f"{cfg.time_cond_proj_dim}; the teacher must be a guided (two-branch) model.")
   else:
     student = unet.UNet2DConditionModel(dataclasses.replace(cfg, time_cond_proj_dim=w_dim),
-                                        dtype=models.unet.dtype, remat=models.unet.remat)
+                                        dtype=models.unet.dtype, remat=models.unet.remat,
+                                        attention=models.unet.attention)
   table = _context_table(models, conditioning=conditioning, prompt_template=prompt_template,
                          class_names=class_names, num_classes=num_classes,
                          shapes_only=shapes_only)

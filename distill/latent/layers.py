@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill import attention as attention_ops
+
 
 def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0):
@@ -49,20 +51,16 @@ def exact_gelu(x):
   return jax.nn.gelu(x, approximate=False)
 
 
-def attention(q, k, v, num_heads: int, *, causal: bool = False):
+def attention(q, k, v, num_heads: int, *, causal: bool = False, implementation: str = "auto"):
   """Scaled dot-product attention of ``[B, L, H·d]`` tensors, ``scale = d^−½``; softmax in f32.
-  ``causal`` masks keys after each query (the CLIP text encoder)."""
+  ``causal`` masks keys after each query (the CLIP text encoder). The implementation is chosen
+  per backend by default (``distill.attention``)."""
   b, lq, inner = q.shape
   d = inner // num_heads
-  q = q.reshape(b, lq, num_heads, d)
-  k = k.reshape(b, k.shape[1], num_heads, d)
-  v = v.reshape(b, v.shape[1], num_heads, d)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d)
-  if causal:
-    mask = jnp.tril(jnp.ones((lq, k.shape[1]), bool))
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, lq, inner)
+  heads = lambda x: x.reshape(b, x.shape[1], num_heads, d)
+  out = attention_ops.dot_product_attention(heads(q), heads(k), heads(v), causal=causal,
+                                            implementation=implementation)
+  return out.reshape(b, lq, inner)
 
 
 class ResnetBlock2D(nn.Module):
@@ -93,6 +91,7 @@ class Attention(nn.Module):
   out_dim: int
   qkv_bias: bool = False
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -100,7 +99,7 @@ class Attention(nn.Module):
     dense = lambda name, bias=self.qkv_bias, feats=self.inner_dim: nn.Dense(
         feats, use_bias=bias, dtype=self.dtype, name=name)
     h = attention(dense("to_q")(x), dense("to_k")(context), dense("to_v")(context),
-                  self.num_heads)
+                  self.num_heads, implementation=self.attention)
     return dense("to_out_0", True, self.out_dim)(h)
 
 
@@ -133,14 +132,15 @@ class BasicTransformerBlock(nn.Module):
   dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, context):
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
-    x = x + Attention(self.num_heads, self.dim, self.dim, dtype=self.dtype, name="attn1")(
-        ln("norm1")(x))
-    x = x + Attention(self.num_heads, self.dim, self.dim, dtype=self.dtype, name="attn2")(
-        ln("norm2")(x), context)
+    attend = lambda name: Attention(self.num_heads, self.dim, self.dim, dtype=self.dtype,
+                                    attention=self.attention, name=name)
+    x = x + attend("attn1")(ln("norm1")(x))
+    x = x + attend("attn2")(ln("norm2")(x), context)
     return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
 
 
@@ -152,6 +152,7 @@ class Transformer2DModel(nn.Module):
   use_linear_projection: bool
   num_layers: int = 1
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, context):
@@ -162,7 +163,7 @@ class Transformer2DModel(nn.Module):
     else:
       h = conv(c, 1, name="proj_in", dtype=self.dtype)(h).reshape(b, hgt * wid, c)
     for i in range(self.num_layers):
-      h = BasicTransformerBlock(c, self.num_heads, dtype=self.dtype,
+      h = BasicTransformerBlock(c, self.num_heads, dtype=self.dtype, attention=self.attention,
                                 name=f"transformer_blocks_{i}")(h, context)
     if self.use_linear_projection:
       h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)

@@ -110,11 +110,13 @@ class UNet2DConditionModel(nn.Module):
 
   ``timestep_cond`` ([B, time_cond_proj_dim]) is required when the config has
   ``time_cond_proj_dim``. ``dtype`` is the activation dtype (parameters stay float32);
-  ``remat`` recomputes each resnet and transformer in the backward pass.
+  ``remat`` recomputes each resnet and transformer in the backward pass; ``attention`` is the
+  implementation of its attention (distill/attention.py).
   """
   config: UNetConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, sample, timesteps, context, timestep_cond=None):
@@ -141,7 +143,7 @@ class UNet2DConditionModel(nn.Module):
                                         name=name)
     transformer = lambda heads, name: attn_cls(
         heads, cfg.norm_num_groups, cfg.use_linear_projection,
-        cfg.transformer_layers_per_block, dtype=dt, name=name)
+        cfg.transformer_layers_per_block, dtype=dt, attention=self.attention, name=name)
 
     h = layers.conv(ch0, name="conv_in", dtype=dt)(sample.astype(dt))
     skips = [h]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from distill import attention
 from distill.models.unet import UNet
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,6 +28,9 @@ def check_model_config(config) -> None:
   if missing:
     raise ValueError(f"model.attn_resolutions contains {missing}, which does not occur: the "
                      f"U-Net's resolutions are {resolutions}.")
+  if m.get("attention", "auto") not in attention.IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={m.attention!r} is not one of "
+                     f"{list(attention.IMPLEMENTATIONS)}.")
   if m.dtype not in _DTYPES:
     raise ValueError(f"model.dtype={m.dtype!r} is not one of {sorted(_DTYPES)}.")
   for level, mult in enumerate(m.ch_mult):
@@ -57,7 +61,7 @@ def build_unet(config, *, use_w_embedding: bool = False, dropout: float | None =
       out_ch=d.channels, head_dim=m.head_dim,
       dropout=m.dropout if dropout is None else dropout, num_groups=m.num_groups,
       use_w_embedding=use_w_embedding, w_fourier_scale=m.w_fourier_scale,
-      dtype=_DTYPES[m.dtype], remat=m.remat)
+      dtype=_DTYPES[m.dtype], remat=m.remat, attention=m.get("attention", "auto"))
 
 
 def model_input_shape(config, batch_size: int = 1) -> tuple[int, ...]:

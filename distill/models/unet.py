@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill import attention as attention_ops
 from distill import schedules
 from distill.models import layers
 
@@ -90,10 +91,12 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Multi-head self-attention over the spatial positions, zero-initialised output projection."""
+  """Multi-head self-attention over the spatial positions, zero-initialised output projection;
+  ``attention`` is the implementation (distill/attention.py)."""
   head_dim: int
   num_groups: int
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -105,7 +108,7 @@ class AttnBlock(nn.Module):
     h = layers.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
     qkv = layers.Dense(3 * c, dtype=self.dtype, name="qkv")(h.reshape(b, hgt * wid, c))
     q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * heads, self.head_dim), 3, axis=2)
-    h = jax.nn.dot_product_attention(q, k, v)
+    h = attention_ops.dot_product_attention(q, k, v, implementation=self.attention)
     h = layers.Dense(c, dtype=self.dtype, kernel_init=_zeros, name="out")(
         h.reshape(b, hgt * wid, c))
     return x + h.reshape(b, hgt, wid, c)
@@ -126,6 +129,7 @@ class UNet(nn.Module):
   w_fourier_scale: float = 250.0
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @property
   def null_label(self) -> int:
@@ -169,7 +173,8 @@ class UNet(nn.Module):
                    dtype=self.dtype, name=name)
 
     def attn(name):
-      return attn_block(self.head_dim, self.num_groups, dtype=self.dtype, name=name)
+      return attn_block(self.head_dim, self.num_groups, dtype=self.dtype,
+                        attention=self.attention, name=name)
 
     h = layers.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     skips = [h]
