@@ -1,9 +1,10 @@
-"""Shared by the scripts in ``bench/``: timing, the machine line, the held-out sources of the
-editing measurements."""
+"""Shared by the scripts in ``bench/``: timing, the machine line, a compiled step's memory per
+device, the held-out sources of the editing measurements."""
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -32,6 +33,28 @@ def machine_line() -> str:
   return (f"{os.cpu_count()} cores, {cpu_model()}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), jax {jax.__version__}, YNNPACK fusions {ynn}, "
           f"{datetime.date.today().isoformat()}")
+
+
+def shard_bytes(tree) -> int:
+  """Bytes one device holds of ``tree``'s abstract arrays, by their shardings."""
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def step_memory(step, state, frozen, batch) -> dict:
+  """Per-device bytes of a train step (``distill.train.make_train_step``) compiled for abstract
+  ``state``, ``frozen`` and ``batch`` with shardings: XLA's memory analysis (arguments,
+  temporaries; the peak is arguments + temporaries + outputs − the donated state the outputs
+  reuse), and the shards the arguments should be by their shardings."""
+  t0 = time.time()
+  mem = step.lower(state, frozen, batch, jax.random.key(0)).compile().memory_analysis()
+  return {"compile_s": round(time.time() - t0, 1),
+          "argument_bytes": int(mem.argument_size_in_bytes),
+          "temp_bytes": int(mem.temp_size_in_bytes),
+          "peak_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                            + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+          "state_shard_bytes": shard_bytes(state) + shard_bytes(frozen),
+          "batch_shard_bytes": shard_bytes(batch)}
 
 
 def timed(fn, *, runs: int, warmup: int = 1) -> dict:

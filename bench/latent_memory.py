@@ -20,24 +20,48 @@
    211 MiB of temporaries with and without it, 32.5 MiB forward only), so ``--remat=on`` rows
    measured here show no saving and say nothing about a TPU compile; the default is off.
 
-``--quick`` runs a tiny U-Net config instead (for the test suite).
+4. With ``--plan``: the compiled memory plan of the training itself. The stage-one and
+   stage-two train steps of ``configs/sd15.py`` (teacher forwards, student forward and
+   backward, Adam, EMA; ``distill.train.make_train_step``), compiled on abstract shapes on a
+   ``('data', 'fsdp')`` mesh of ``fsdp`` forced CPU devices (data 1: a larger data axis adds
+   no memory per chip) at each per-chip batch (``--plan_batches``) and ``--fsdp`` size. Per
+   chip: the arguments (the state's and frozen teacher's shards, the batch's), temporaries,
+   and the peak, arguments + temporaries + outputs − the donated state the outputs reuse.
+   Attention is the chunked one (``"auto"`` on a CPU at 4096 tokens); a TPU takes the flash
+   kernel. Remat rows are asked for with ``--plan_remat``; the CPU compiler shows no saving
+   from them (above).
+
+``--quick`` runs a tiny U-Net config instead (for the test suite), and the plan of stage two
+on the tiny SD-like fixture with fsdp 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+if __name__ == "__main__":  # the plan's meshes: as many CPU devices as the largest fsdp
+  import cpu_devices  # pylint: disable=wrong-import-position
+  cpu_devices.force_for_fsdp(default="8,16")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
+from distill import layout, losses, sharding, train  # noqa: E402
+from distill.config_utils import load_config  # noqa: E402
 from distill.latent import clip, reference_configs, unet, vae  # noqa: E402
+from distill.latent import family as latent_family  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOKENIZER = REPO / "tests" / "fixtures" / "latent" / "tiny-sd" / "tokenizer"
 
 CHIPS = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "H100": 80}  # HBM GiB per chip
 TINY_UNET = dict(reference_configs.SD15_UNET, block_out_channels=[32, 64], layers_per_block=1,
@@ -70,12 +94,71 @@ def activation_bytes(module, params, batch: int, size: int, ctx_dim: int) -> dic
           "compile_s": round(time.time() - t0, 1)}
 
 
+def plan(config, *, batches, fsdps, remats=(False,), stages=("stage_one", "stage_two")):
+  """Per-chip memory of the compiled train steps of ``config``'s latent family (section 4 of
+  the module docstring); one row per fsdp size, remat, stage and per-chip batch."""
+  fam = latent_family.from_config(config, shapes_only=True)
+  teacher = fam.models.unet_params
+  h, w_, c = fam.x_shape
+  ctx = fam.context_table.shape[1:]
+  wr = dict(w_min=config.stage_one.w_min, w_max=config.stage_one.w_max)
+  rows = []
+  for fsdp in fsdps:
+    mesh = sharding.make_mesh(fsdp, fsdp=fsdp)
+    split = sharding.batch_sharded(mesh)
+    for remat in remats:
+      fam_r = dataclasses.replace(fam, teacher=fam.teacher.clone(remat=remat),
+                                  student=fam.student.clone(remat=remat)) if remat else fam
+      student = jax.eval_shape(lambda p, f=fam_r: f.student_from_teacher(p, None), teacher)
+      for stage in stages:
+        if stage == "stage_one":
+          objective, section = losses.stage_one_objective(fam_r, **wr), config.stage_one
+          frozen = teacher
+        else:
+          objective = losses.stage_two_objective(fam_r, **wr)
+          section = layout.halving_section(config, 4)
+          frozen = {"params": student,
+                    "num_student_steps": jax.ShapeDtypeStruct((), jnp.int32)}
+        tx, schedule = train.make_optimizer(section)
+        step = train.make_train_step(objective, tx, schedule, ema_decay=section.ema_decay,
+                                     mesh=mesh)
+        state = sharding.abstract_params(mesh, jax.eval_shape(
+            lambda s, tx=tx: train.init_state(s, tx), student))
+        frozen = sharding.abstract_params(mesh, frozen)
+        for b in batches:
+          batch = {"latents": jax.ShapeDtypeStruct((b * fsdp, h, w_, c), jnp.float32,
+                                                   sharding=split),
+                   "context": jax.ShapeDtypeStruct((b * fsdp, *ctx), jnp.float32,
+                                                   sharding=split)}
+          rows.append({"stage": stage, "fsdp": fsdp, "remat": remat, "batch": b,
+                       **common.step_memory(step, state, frozen, batch)})
+          print(f"  {stage} fsdp {fsdp} remat {remat} batch {b}: compiled in "
+                f"{rows[-1]['compile_s']} s", flush=True)
+  return rows
+
+
+def _print_plan(rows) -> None:
+  gib = 2**30
+  print("\n| stage | fsdp | remat | per-chip batch | state shards (GiB) | temporaries (GiB) "
+        "| peak per chip (GiB) | fits on |\n|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    fits = [c for c, hbm in CHIPS.items() if r["peak_bytes"] < 0.9 * hbm * gib]
+    print(f"| {r['stage']} | {r['fsdp']} | {'on' if r['remat'] else 'off'} | {r['batch']} | "
+          f"{r['state_shard_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
+          f"{r['peak_bytes'] / gib:.2f} | {', '.join(fits) or 'none'} |")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--batches", default="1,4")
   parser.add_argument("--remat", default="off", choices=("both", "on", "off"))
   parser.add_argument("--attention", default="xla,chunked",
                       help="comma-separated implementations of distill/attention.py")
+  parser.add_argument("--plan", action="store_true",
+                      help="also compile the SD 1.5 train steps on fsdp meshes (section 4)")
+  parser.add_argument("--plan_batches", default="1,4,8")
+  parser.add_argument("--fsdp", default="8,16")
+  parser.add_argument("--plan_remat", default="off", choices=("both", "on", "off"))
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")] if not args.quick else [1]
@@ -124,6 +207,21 @@ def main(argv=None):
           f"{r['total_bytes'] / gib:.2f} | {', '.join(fits) or 'none (shard the state)'} |")
   result = {"unet_params": n_unet, "text_params": n_text, "vae_params": n_vae,
             "state_bytes": state_total, "rows": rows}
+  if args.plan:
+    stages = ("stage_one", "stage_two")
+    if args.quick:
+      config, fsdps, plan_batches = load_config("sd15:runlocal"), (2,), (1,)
+      stages = ("stage_two",)
+    else:
+      config = load_config("sd15")
+      config.teacher.pretrained = reference_configs.write_sd15_layout(
+          tempfile.mkdtemp(prefix="sd15-layout-"), tokenizer=TOKENIZER)
+      fsdps = tuple(int(n) for n in args.fsdp.split(","))
+      plan_batches = tuple(int(n) for n in args.plan_batches.split(","))
+    plan_remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.plan_remat]
+    result["plan"] = plan(config, batches=plan_batches, fsdps=fsdps, remats=plan_remats,
+                          stages=stages)
+    _print_plan(result["plan"])
   print("\n" + json.dumps(result))
   return result
 

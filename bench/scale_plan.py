@@ -14,6 +14,11 @@
    teacher replicated; activations for the per-device batch of a v5e-64 slice): the XLA
    memory analysis of the stage-two step compiled for that batch on this CPU, next to the
    parameter/optimiser bytes counted by hand.
+4. The per-chip peak on each slice of ``--slices`` (v5e-64, v4-32, 8×H100): the stage-two step
+   compiled at the slice's per-chip batch (the global batch over its chips) on a
+   ``('data', 'fsdp')`` mesh of ``fsdp`` forced CPU devices (data 1; a larger data axis adds no
+   memory per chip), for each ``--fsdp`` size: the state's and teacher's shards, temporaries,
+   and the peak against the chip's memory.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ import pathlib
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+if __name__ == "__main__":  # the slices' meshes: as many CPU devices as the largest fsdp
+  import cpu_devices  # pylint: disable=wrong-import-position
+  cpu_devices.force_for_fsdp(default="1,8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from distill import family, layout, losses, models, sharding, train  # noqa: E402
@@ -39,6 +48,8 @@ CHIPS = {
     "TPU v5e": {"tflops": 197.0, "hbm_gib": 16},
     "H100 SXM": {"tflops": 989.0, "hbm_gib": 80},
 }
+# Slices: (chip, chips JAX sees). A v4-32 slice has 16 chips (32 TensorCores).
+SLICES = {"v5e-64": ("TPU v5e", 64), "v4-32": ("TPU v4", 16), "8xH100": ("H100 SXM", 8)}
 
 
 def _abstract_batch(config, batch: int):
@@ -70,6 +81,27 @@ def stage_steps(config, mesh):
   return out, t_params, s_params
 
 
+def slice_plan(config, *, slices, fsdps, quick: bool = False) -> list[dict]:
+  """Section 4 of the module docstring: one row per slice and fsdp size (``quick``: one
+  4-chip slice at per-chip batch 2)."""
+  rows = []
+  todo = [("quick", "TPU v5e", 2)] if quick else [
+      (name, SLICES[name][0], config.stage_two.batch_size // SLICES[name][1]) for name in slices]
+  for fsdp in fsdps:
+    mesh = sharding.make_mesh(fsdp, fsdp=fsdp)
+    step, state, frozen, _ = stage_steps(config, mesh)[0]["stage_two"]
+    state, frozen = sharding.abstract_params(mesh, state), sharding.abstract_params(mesh, frozen)
+    split = sharding.batch_sharded(mesh)
+    for name, chip, per_chip in todo:
+      batch = jax.tree.map(lambda x, s=split: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           _abstract_batch(config, per_chip * fsdp))
+      rows.append({"slice": name, "chip": chip, "hbm_gib": CHIPS[chip]["hbm_gib"],
+                   "batch": per_chip, "fsdp": fsdp,
+                   **common.step_memory(step, state, frozen, batch)})
+      print(f"  {name} fsdp {fsdp}: compiled in {rows[-1]['compile_s']} s", flush=True)
+  return rows
+
+
 def tree_bytes(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -82,6 +114,8 @@ def main(argv=None) -> dict:
                       help="model-FLOPs utilisation assumed for the chip-hours")
   parser.add_argument("--memory_batch", type=int, default=32,
                       help="per-device batch for the memory analysis (2048 / 64 on v5e-64)")
+  parser.add_argument("--slices", default=",".join(SLICES))
+  parser.add_argument("--fsdp", default="1,8", help="fsdp sizes of the slices' plan")
   parser.add_argument("--quick", action="store_true", help="runlocal config, tiny batches")
   parser.add_argument("--json", default="", help="also write the results to this file")
   args = parser.parse_args(argv)
@@ -119,6 +153,9 @@ def main(argv=None) -> dict:
             "state_bytes": tree_bytes(state), "teacher_bytes": tree_bytes(s_params)}
   # Donated state: outputs alias the arguments, so the peak is arguments + temporaries.
   memory["peak_bytes"] = memory["argument_bytes"] + memory["temp_bytes"]
+  slices = slice_plan(config, slices=[] if args.quick else args.slices.split(","),
+                      fsdps=(2,) if args.quick else [int(n) for n in args.fsdp.split(",")],
+                      quick=args.quick)
 
   gib = 2**30
   print(f"# python bench/scale_plan.py {' '.join(argv)}")
@@ -146,8 +183,14 @@ def main(argv=None) -> dict:
   print(f"- arguments {memory['argument_bytes'] / gib:.2f} GiB + temporaries "
         f"{memory['temp_bytes'] / gib:.2f} GiB = peak {memory['peak_bytes'] / gib:.2f} GiB "
         f"(v5e has {CHIPS['TPU v5e']['hbm_gib']} GiB per chip)")
+  print("\nPer-chip peak of the stage-two step on each slice (XLA CPU memory analysis):")
+  print("| slice | per-chip batch | fsdp | state + teacher shards (GiB) | temporaries (GiB) | "
+        "peak (GiB) | chip memory (GiB) |\n|---|---|---|---|---|---|---|")
+  for r in slices:
+    print(f"| {r['slice']} | {r['batch']} | {r['fsdp']} | {r['state_shard_bytes'] / gib:.2f} | "
+          f"{r['temp_bytes'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} | {r['hbm_gib']} |")
   result = {"flops": flops, "total_flops": total, "chip_hours": hours, "memory": memory,
-            "utilisation": args.utilisation, "halvings": halvings}
+            "utilisation": args.utilisation, "halvings": halvings, "slices": slices}
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
   return result

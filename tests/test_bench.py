@@ -71,12 +71,16 @@ def test_train_step_flops_quick(capsys):
   assert len(printed) == 1 + 6 and printed[1].startswith("| teacher | 16 | ")  # header, rows
 
 
-def test_scale_plan_quick(capsys):
+def test_scale_plan_quick(capsys, monkeypatch):
   """Halvings, the FLOPs of the two stages against each other, and the memory: the hand count
-  from the exact parameter count, and XLA's memory analysis of the compiled step against it."""
+  from the exact parameter count, and XLA's memory analysis of the compiled step against it.
+  The slices' plan on fsdp 2 takes as arguments exactly the shards the layout rule gives each
+  device (the tiny U-Net's arrays split from 2^8 elements): about half the replicated state."""
   from distill import models  # pylint: disable=import-outside-toplevel
   from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
-  result = _script("scale_plan").main(["--quick"])
+  module = _script("scale_plan")
+  monkeypatch.setattr(module.sharding, "MIN_SHARDED_SIZE", 2 ** 8)
+  result = module.main(["--quick"])
   config = load_config("imagenet64:runlocal")
   assert result["halvings"] == [4, 2, 1]  # runlocal: start_num_steps 8, end 1
   one, two = result["flops"]["stage_one"]["flops"], result["flops"]["stage_two"]["flops"]
@@ -91,8 +95,15 @@ def test_scale_plan_quick(capsys):
   assert mem["argument_bytes"] == (mem["state_bytes"] + mem["teacher_bytes"] + image + labels
                                    + key + num_steps)
   assert mem["alias_bytes"] == mem["state_bytes"]  # donated: the new state reuses the old
+  (row,) = result["slices"]
+  assert (row["fsdp"], row["batch"]) == (2, 2)
+  assert row["argument_bytes"] == row["state_shard_bytes"] + row["batch_shard_bytes"] + key
+  replicated = mem["state_bytes"] + mem["teacher_bytes"] + num_steps
+  assert 0.5 * replicated <= row["state_shard_bytes"] < 0.6 * replicated
+  assert row["batch_shard_bytes"] == image // mem["batch"] * 2 + 2 * 4  # 2 images, 2 labels
   out = capsys.readouterr().out
   assert all(f"| {chip} |" in out for chip in ("TPU v4", "TPU v5e", "H100 SXM"))
+  assert "| quick | 2 | 2 |" in out
 
 
 def test_peer_pytorch_quick(capsys):
@@ -136,12 +147,15 @@ def test_stage_memory_quick(capsys, tmp_path):
   assert "peak RSS" in capsys.readouterr().out
 
 
-def test_latent_memory_quick(capsys):
+def test_latent_memory_quick(capsys, monkeypatch):
   """The parameter counts, exactly, and the state bytes against the arrays themselves: the
   student's float32 params, gradients, Adam state (optax's own) and EMA, and the bfloat16
-  teacher, as abstract shapes; one compiled memory analysis ran."""
+  teacher, as abstract shapes; one compiled memory analysis ran. The plan's compiled train step
+  on fsdp 2 takes as arguments exactly the shards the layout rule gives each device (plus the
+  key), about half the unsplit state (the tiny U-Net's arrays split from 2^8 elements)."""
   module = _script("latent_memory")
-  result = module.main(["--quick"])
+  monkeypatch.setattr(module.sharding, "MIN_SHARDED_SIZE", 2 ** 8)
+  result = module.main(["--quick", "--plan"])
   assert result["text_params"] == 123_060_480 and result["vae_params"] == 83_653_863
   cfg = module.unet.UNetConfig.from_diffusers(module.TINY_UNET)
   params = jax.eval_shape(lambda: module.unet.UNet2DConditionModel(cfg).init(
@@ -155,7 +169,19 @@ def test_latent_memory_quick(capsys):
   assert result["state_bytes"] == 3 * nbytes(params) + nbytes(adam) + nbytes(teacher)
   (row,) = result["rows"]
   assert (row["batch"], row["remat"]) == (1, False) and row["temp_bytes"] > 0
-  assert "| **total** |" in capsys.readouterr().out
+  (step,) = result["plan"]
+  assert (step["stage"], step["fsdp"], step["batch"]) == ("stage_two", 2, 1)
+  key_bytes = 8  # a threefry key: two uint32
+  assert step["argument_bytes"] == step["state_shard_bytes"] + step["batch_shard_bytes"] + \
+      key_bytes
+  # The student's state (params, EMA, Adam's two moments) and its frozen copy, unsplit.
+  fam = module.latent_family.from_config(module.load_config("sd15:runlocal"), shapes_only=True)
+  student = jax.eval_shape(lambda p: fam.student_from_teacher(p, None), fam.models.unet_params)
+  unsplit = 5 * nbytes(student)
+  assert 0.5 * unsplit <= step["state_shard_bytes"] < 0.6 * unsplit
+  assert step["peak_bytes"] > step["argument_bytes"]
+  out = capsys.readouterr().out
+  assert "| **total** |" in out and "| stage_two | 2 | off | 1 |" in out
 
 
 def test_xla_cpu_flags_quick(capsys):

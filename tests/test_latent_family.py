@@ -221,20 +221,9 @@ def test_prepare_batches_encodes_resized_images(fam):
 
 def _sd15_folder(root):
   """A full-size SD 1.5 folder of config files only (the published configs; no weights)."""
-  import json  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
   from distill.latent import reference_configs as ref  # pylint: disable=import-outside-toplevel
-  parts = {"unet": ref.SD15_UNET, "vae": ref.SD15_VAE, "text_encoder": ref.SD15_TEXT_ENCODER}
-  for name, cfg in parts.items():
-    (root / name).mkdir(parents=True)
-    (root / name / "config.json").write_text(json.dumps(cfg))
-  (root / "scheduler").mkdir()
-  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(ref.SD15_SCHEDULER))
-  shutil.copytree(REPO / "tests" / "fixtures" / "latent" / "tiny-sd" / "tokenizer",
-                  root / "tokenizer")
-  index = {name: ["diffusers", "x"] for name in (*parts, "scheduler", "tokenizer")}
-  (root / "model_index.json").write_text(json.dumps(index))
-  return root
+  return pathlib.Path(ref.write_sd15_layout(
+      root, tokenizer=REPO / "tests" / "fixtures" / "latent" / "tiny-sd" / "tokenizer"))
 
 
 def test_full_size_sd15_builds_and_lowers_its_training_steps(tmp_path):

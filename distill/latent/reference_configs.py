@@ -49,3 +49,23 @@ CIN256_CLASS_EMBEDDER = {"_class_name": "ClassEmbedder", "num_classes": 1001, "e
 
 SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+
+
+def write_sd15_layout(root, *, tokenizer) -> str:
+  """A full-size SD 1.5 folder of config files only (no weights) at ``root``, with the
+  tokenizer folder ``tokenizer`` copied in: what ``from_config(..., shapes_only=True)`` reads
+  to build the family on abstract shapes. Returns ``root`` as a string."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(root)
+  parts = {"unet": SD15_UNET, "vae": SD15_VAE, "text_encoder": SD15_TEXT_ENCODER}
+  for name, cfg in parts.items():
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "config.json").write_text(json.dumps(cfg))
+  (root / "scheduler").mkdir(exist_ok=True)
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+  shutil.copytree(tokenizer, root / "tokenizer", dirs_exist_ok=True)
+  index = {name: ["diffusers", "x"] for name in (*parts, "scheduler", "tokenizer")}
+  (root / "model_index.json").write_text(json.dumps(index))
+  return str(root)
