@@ -45,5 +45,7 @@ setup(
         "parity": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50"],
         # python -m distill.latent.convert: CompVis checkpoints → diffusers-layout folders.
         "convert": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "pyyaml>=6"],
+        # GPU nodes (launch/gpu/): JAX's CUDA 12 build, in the tested jax range above.
+        "cuda": ["jax[cuda12]>=0.10.0,<0.11"],
     },
 )

@@ -46,15 +46,23 @@ def step_memory(step, state, frozen, batch) -> dict:
   ``state``, ``frozen`` and ``batch`` with shardings: XLA's memory analysis (arguments,
   temporaries; the peak is arguments + temporaries + outputs − the donated state the outputs
   reuse), and the shards the arguments should be by their shardings."""
+  return compile_step(step, state, frozen, batch)[1]
+
+
+def compile_step(step, state, frozen, batch):
+  """``(compiled step, step_memory's dict)``; the compiled step runs on arrays of those
+  shapes and shardings."""
   t0 = time.time()
-  mem = step.lower(state, frozen, batch, jax.random.key(0)).compile().memory_analysis()
-  return {"compile_s": round(time.time() - t0, 1),
-          "argument_bytes": int(mem.argument_size_in_bytes),
-          "temp_bytes": int(mem.temp_size_in_bytes),
-          "peak_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                            + mem.output_size_in_bytes - mem.alias_size_in_bytes),
-          "state_shard_bytes": shard_bytes(state) + shard_bytes(frozen),
-          "batch_shard_bytes": shard_bytes(batch)}
+  compiled = step.lower(state, frozen, batch, jax.random.key(0)).compile()
+  mem = compiled.memory_analysis()
+  memory = {"compile_s": round(time.time() - t0, 1),
+            "argument_bytes": int(mem.argument_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "peak_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                              + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+            "state_shard_bytes": shard_bytes(state) + shard_bytes(frozen),
+            "batch_shard_bytes": shard_bytes(batch)}
+  return compiled, memory
 
 
 def timed(fn, *, runs: int, warmup: int = 1) -> dict:

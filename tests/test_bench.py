@@ -241,3 +241,20 @@ def test_editing_on_the_tiny_pipeline(tiny_pipeline, tmp_path, capsys):
     assert png.size == (want[1] * 4, want[0] * 4)
   assert "Inpainting of the centre" in (tmp_path / "editing.md").read_text()
   assert "share classified as target" in capsys.readouterr().out
+
+
+def test_gpu_check_skips_without_a_gpu_and_runs_quick_here(capsys):
+  """The shell wrapper exits 0 with one line on a machine without a GPU; the script itself,
+  on the tiny ImageNet 64 config here (stage two only): the compiled step's arguments are the
+  state, the frozen teacher and the batch, and the step and the 4-step sampler ran."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  skipped = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True,
+                           text=True, timeout=300)
+  assert skipped.returncode == 0 and skipped.stdout.startswith("gpu_check: skipped: ")
+  (r,) = _script("gpu_check").main(["--quick", "--models=imagenet64", "--stages=stage_two"])
+  (stage,) = r["stages"]
+  assert stage["argument_bytes"] == stage["state_shard_bytes"] + stage["batch_shard_bytes"] + 8
+  assert stage["median_s"] > 0 and stage["runs"] == 2 and stage["peak_bytes"] > 0
+  assert r["sampler"]["batch"] == 2 and r["sampler"]["images_per_s"] > 0
+  out = capsys.readouterr().out
+  assert "| imagenet64 | stage_two | 2 |" in out and "| imagenet64 | 2 |" in out

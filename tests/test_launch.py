@@ -1,4 +1,5 @@
-"""The TPU pod scripts in ``launch/``, through their ``--dry-run`` output (nothing is run)."""
+"""The TPU pod scripts in ``launch/`` and the GPU ones in ``launch/gpu/``, through their
+``--dry-run`` output (nothing is run)."""
 
 import os
 import pathlib
@@ -68,3 +69,60 @@ def test_run_without_workdir_says_what_to_set():
                           env=dict(os.environ, **dict(ENV, WORKDIR="")), capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 2 and "WORKDIR is not set" in result.stderr
+
+
+def gpu_dry_run(script, cwd=None, **env):
+  result = subprocess.run(["bash", str(LAUNCH / "gpu" / f"{script}.sh"), "--dry-run"],
+                          env={**os.environ, "VENV": "/opt/venv", **env}, capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines and all(line.startswith("+ ") for line in lines)
+  return [shlex.split(line[2:]) for line in lines]
+
+
+def test_gpu_node_runs_distill_main_on_all_its_gpus(tmp_path):
+  (cmd,) = gpu_dry_run("run_node", cwd=tmp_path, WORKDIR="runs/in", DATA_DIR="/data/tfds",
+                       EXTRA_FLAGS="--config.mesh.fsdp=8 --config.stages=stage_one")
+  assert cmd[:3] == ["/opt/venv/bin/python", "-m", "distill.main"]
+  assert cmd[3] == f"--config={LAUNCH.parent / 'configs' / 'imagenet64.py'}"
+  # The workdir as typed: distill.main resolves it against the directory the script runs in.
+  assert cmd[4:] == ["--workdir=runs/in", "--config.data.data_dir=/data/tfds",
+                     "--config.mesh.fsdp=8", "--config.stages=stage_one"]
+  assert "--multihost" not in cmd
+
+
+def test_slurm_submits_one_multihost_task_per_node():
+  (cmd,) = gpu_dry_run("slurm", WORKDIR="/shared/runs/sd15", NODES="4", GPUS_PER_NODE="8",
+                       PARTITION="a100", CONFIG="configs/sd15.py",
+                       EXTRA_FLAGS="--config.mesh.fsdp=8")
+  assert cmd[0] == "sbatch"
+  flags = dict(a.split("=", 1) for a in cmd[1:] if a.startswith("--") and "=" in a)
+  assert (flags["--nodes"], flags["--ntasks-per-node"], flags["--gpus-per-node"]) == (
+      "4", "1", "8")
+  assert flags["--partition"] == "a100" and flags["--signal"] == "TERM@120"
+  assert "--requeue" in cmd and "--account" not in flags
+  wrapped = shlex.split(flags["--wrap"])
+  assert wrapped[:5] == ["srun", "/opt/venv/bin/python", "-m", "distill.main", "--multihost"]
+  assert wrapped[5:] == ["--config=configs/sd15.py", "--workdir=/shared/runs/sd15",
+                         "--config.mesh.fsdp=8"]
+
+
+def test_gpu_setup_installs_the_cuda_extra_and_the_runs_need_a_workdir(tmp_path):
+  commands = gpu_dry_run("setup", VENV=str(tmp_path / "venv"))
+  assert commands[0] == ["python3", "-m", "venv", str(tmp_path / "venv")]
+  assert commands[2][-1] == f"{LAUNCH.parent}[cuda]"
+  for script in ("run_node", "slurm"):
+    result = subprocess.run(["bash", str(LAUNCH / "gpu" / f"{script}.sh"), "--dry-run"],
+                            env={k: v for k, v in os.environ.items() if k != "WORKDIR"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("WORKDIR is not set: export WORKDIR=/shared/path/... "
+                                     "(see launch/README.md)")
+
+
+def test_the_cuda_extra_pins_jax_to_the_tested_range():
+  setup = (LAUNCH.parent / "setup.py").read_text()
+  tested = next(line for line in setup.splitlines() if '"jax>=' in line).strip().strip(",")
+  cuda = next(line for line in setup.splitlines() if '"cuda":' in line)
+  assert tested.replace('"jax', '"jax[cuda12]') in cuda
