@@ -137,12 +137,17 @@ def plan(config, *, batches, fsdps, remats=(False,), stages=("stage_one", "stage
   return rows
 
 
+def fits_on(nbytes: int) -> list[str]:
+  """The chips of ``CHIPS`` whose memory holds ``nbytes`` with 10 % to spare."""
+  return [c for c, hbm in CHIPS.items() if nbytes < 0.9 * hbm * 2**30]
+
+
 def _print_plan(rows) -> None:
   gib = 2**30
   print("\n| stage | fsdp | remat | per-chip batch | state shards (GiB) | temporaries (GiB) "
         "| peak per chip (GiB) | fits on |\n|---|---|---|---|---|---|---|---|")
   for r in rows:
-    fits = [c for c, hbm in CHIPS.items() if r["peak_bytes"] < 0.9 * hbm * gib]
+    fits = fits_on(r["peak_bytes"])
     print(f"| {r['stage']} | {r['fsdp']} | {'on' if r['remat'] else 'off'} | {r['batch']} | "
           f"{r['state_shard_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
           f"{r['peak_bytes'] / gib:.2f} | {', '.join(fits) or 'none'} |")
@@ -201,7 +206,7 @@ def main(argv=None):
   print("| attention | per-chip batch | remat | activations (GiB) | state + activations (GiB) "
         "| fits on |\n|---|---|---|---|---|---|")
   for r in rows:
-    fits = [c for c, hbm in CHIPS.items() if r["total_bytes"] < 0.9 * hbm * gib]
+    fits = fits_on(r["total_bytes"])
     print(f"| {r['attention']} | {r['batch']} | {'on' if r['remat'] else 'off'} | "
           f"{r['temp_bytes'] / gib:.2f} | "
           f"{r['total_bytes'] / gib:.2f} | {', '.join(fits) or 'none (shard the state)'} |")

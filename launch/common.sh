@@ -30,30 +30,13 @@ WORKDIR="${WORKDIR:-}"
 DATA_DIR="${DATA_DIR:-}"
 SPOT="${SPOT:-0}"
 
-DRY_RUN=0
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    *) echo "unknown argument $arg (the only flag is --dry-run; settings are environment variables, see launch/common.sh)" >&2; exit 2 ;;
-  esac
-done
-
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SETTINGS_FILE=launch/common.sh
+source "$LAUNCH_DIR/dry_run.sh"
 REPO_DIR="$(cd "$LAUNCH_DIR/.." && pwd)"
 
 PROJECT_FLAG=()
 if [[ -n "$PROJECT" ]]; then PROJECT_FLAG=(--project="$PROJECT"); fi
-
-# run CMD...: runs it, or prints it with --dry-run.
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
 
 # on_all_workers 'shell command': the command on every worker of the slice at once.
 on_all_workers() {

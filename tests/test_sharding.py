@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from distill import checkpoints, family, input_pipeline, losses, manifest, models, pipeline, \
-    sharding, train
-from test_train import tiny_config
+from distill import checkpoints, manifest, models, pipeline, sharding, train
+from test_train import teacher_step_parts, tiny_config
 
 
 def test_the_layout_rule():
@@ -56,13 +55,7 @@ def small_arrays_split(monkeypatch):
 
 def test_fsdp_gives_the_losses_of_data_parallelism(small_arrays_split):
   del small_arrays_split
-  config = tiny_config()
-  model = models.build_unet(config)
-  objective = losses.teacher_objective(family.of(config), p_uncond=0.1)
-  tx, schedule = train.make_optimizer(config.teacher)
-  params = jax.device_get(
-      models.init_params(model, jax.random.key(0), models.model_input_shape(config)))
-  batches = input_pipeline.train_batches(config.data, global_batch_size=16, seed=0)
+  objective, tx, schedule, params, batches = teacher_step_parts()
   results = {}
   for fsdp in (1, 4):
     mesh = sharding.make_mesh(8, fsdp=fsdp)

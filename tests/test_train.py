@@ -110,15 +110,23 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, straight_r
   assert sorted(checkpoints.Checkpoints(ckpt_dir).all_steps()) == [3, 6]
 
 
-def test_eight_devices_give_the_same_loss_as_one():
-  assert jax.device_count() >= 8
+def teacher_step_parts():
+  """``(objective, tx, schedule, initial params, batches of 16)`` of the tiny teacher, for
+  running its train step on several meshes."""
   config = tiny_config()
   model = models.build_unet(config)
   objective = losses.teacher_objective(family.of(config), p_uncond=0.1)
   tx, schedule = train.make_optimizer(config.teacher)
   params = jax.device_get(
       models.init_params(model, jax.random.key(0), models.model_input_shape(config)))
-  batch = input_pipeline.train_batches(config.data, global_batch_size=16, seed=0)[0]
+  return (objective, tx, schedule, params,
+          input_pipeline.train_batches(config.data, global_batch_size=16, seed=0))
+
+
+def test_eight_devices_give_the_same_loss_as_one():
+  assert jax.device_count() >= 8
+  objective, tx, schedule, params, batches = teacher_step_parts()
+  batch = batches[0]
   results = []
   for n in (1, 8):
     mesh = sharding.make_mesh(n)

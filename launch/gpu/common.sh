@@ -31,27 +31,11 @@ ACCOUNT="${ACCOUNT:-}"
 TIME="${TIME:-24:00:00}"
 JOB_NAME="${JOB_NAME:-distill}"
 
-DRY_RUN=0
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    *) echo "unknown argument $arg (the only flag is --dry-run; settings are environment variables, see launch/gpu/common.sh)" >&2; exit 2 ;;
-  esac
-done
+SETTINGS_FILE=launch/gpu/common.sh
+source "$GPU_DIR/../dry_run.sh"
 
 # Relative paths (CONFIG, WORKDIR, DATA_DIR) are taken from the directory the script is run in,
 # as distill.main takes them; under SLURM that is the directory sbatch was called from.
-
-# run CMD...: runs it, or prints it with --dry-run.
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
 
 require() {
   local name="$1"
