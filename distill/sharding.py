@@ -101,6 +101,20 @@ def constrain_params(mesh, tree):
   return jax.lax.with_sharding_constraint(tree, param_shardings(mesh, tree))
 
 
+def gather_params(mesh, tree):
+  """Inside a jitted function: ``tree`` whole on every device, for the network to use.
+
+  With ``fsdp > 1`` the parameters the objective reads are constrained to be replicated, so
+  that XLA all-gathers each array where it is used (and reduce-scatters its gradient) while
+  activations stay split over the batch. Left to itself, the partitioner may instead split
+  activations along a parameter's split dimension and reshard them back ("involuntary full
+  rematerialization"). With ``fsdp = 1`` the tree is returned as it is.
+  """
+  if mesh.shape[FSDP_AXIS] == 1:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
 def abstract_params(mesh, shapes):
   """Shape structs of ``shapes`` (from ``jax.eval_shape``) with the shardings of
   ``param_spec``, the target of a checkpoint restore onto ``mesh``."""

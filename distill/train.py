@@ -85,9 +85,13 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, ema_decay: float, mesh):
   """``step(state, frozen, batch, base_key) -> (state, metrics)``, jitted and sharded."""
 
+  def gathered_objective(params, frozen, batch, key):  # FSDP: whole arrays where they are used
+    return objective(sharding.gather_params(mesh, params), sharding.gather_params(mesh, frozen),
+                     batch, key)
+
   def step(state: TrainState, frozen, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(gathered_objective, has_aux=True)(
         state.params, frozen, batch, key)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
