@@ -12,6 +12,13 @@ batch 512, 3000 steps; then the halvings from 512 steps, 2000 steps each and 20 
 students with 4 steps or fewer, no EMA. The paper evaluates at w = 8. The data are
 image–caption pairs at 512² (``data.name = "image_text"``: webdataset ``.tar`` shards as
 img2dataset writes them, or a folder with ``captions.jsonl``; ``distill/image_text.py``).
+Mesh: ``mesh.fsdp = 8`` splits the train state and the frozen teacher over groups of 8 chips
+(2.0 GiB per chip instead of 17.6 GiB replicated). By the compiled plan (BENCHMARKS.md, "The
+compiled memory plan on fsdp meshes"), a step peaks at 11.9 GiB (stage one) and 12.3 GiB (stage
+two) per chip at per-chip batch 1 and at 18.8 / 22.9 GiB at 4: a v5e-64 slice trains at
+``--config.stage_one.batch_size=64 --config.stage_two.batch_size=64``, a v4-32 slice (16 chips,
+per-chip batch 4) at 64 too. The paper's 512 needs 8× the chips, or savings the latent family
+does not make yet (it runs its U-Nets in float32, without remat).
 ``runlocal`` runs the whole chain on CPU over the tiny SD-like fixture
 (``tests/fixtures/latent/tiny-sd``, random weights) and the digits, each with the prompt
 ``latent.prompt_template`` of its class name.
@@ -49,7 +56,9 @@ def get_config(arg=None):
   # FID / CLIP score trade-off of the paper's Fig. 10.
   config.eval.w_values = (8.0,)
   config.eval.num_samples = 5000
+  config.mesh.fsdp = 8  # the state split over groups of 8 chips (the docstring's plan)
   if args.get("runlocal"):
+    config.mesh.fsdp = 1
     common.shrink_latent_for_cpu(
         config, pretrained=str(REPO / "tests" / "fixtures" / "latent" / "tiny-sd"))
     config.latent.prompt_template = "a handwritten digit {label}"
