@@ -4,7 +4,8 @@ A rerun with a config whose result-relevant fields differ from the recorded ones
 with the fields that changed, rather than silently mixing two runs. Fields that do not change
 what is trained are left out of the hash: which stages run now, the device count, logging,
 checkpoint and sample-grid intervals, the data directory and the evaluation settings. The mesh
-(device count and ``mesh.fsdp``) is among them: a run resumes on another mesh.
+(device count and ``mesh.fsdp``) and the attention implementation (``model.attention``, equal
+to float32 rounding) are among them: a run resumes on another mesh or backend.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 * ``make_optimizer``: Adam with linear warm-up, optional cosine/linear decay, global-norm clipping.
 * ``make_train_step``: one ``jax.jit`` step, state donated, the state laid out by
   ``sharding.param_spec`` (replicated, or split along ``fsdp``) and the batch split over every
-  device of the ``('data', 'fsdp')`` mesh. Its key is ``fold_in(base_key, step)``, so a resumed run is
-  bit-identical. A non-finite loss or gradient leaves params, EMA and optimiser state unchanged
-  and is counted.
+  device of the ``('data', 'fsdp')`` mesh. Its key is ``fold_in(base_key, step)``, so a resumed
+  run is bit-identical. A non-finite loss or gradient leaves params, EMA and optimiser state
+  unchanged and is counted.
 * ``train``: restores the newest readable checkpoint (or initialises), iterates the data from the
   restored step, writes clu metrics and progress, sample grids and checkpoints; a SIGTERM
   saves the current step and raises ``preemption.Preempted``.
