@@ -17,8 +17,9 @@ Mesh: ``mesh.fsdp = 8`` splits the train state and the frozen teacher over group
 compiled memory plan on fsdp meshes"), a step peaks at 11.9 GiB (stage one) and 12.3 GiB (stage
 two) per chip at per-chip batch 1 and at 18.8 / 22.9 GiB at 4: a v5e-64 slice trains at
 ``--config.stage_one.batch_size=64 --config.stage_two.batch_size=64``, a v4-32 slice (16 chips,
-per-chip batch 4) at 64 too. The paper's 512 needs 8× the chips, or savings the latent family
-does not make yet (it runs its U-Nets in float32, without remat).
+per-chip batch 4) at 64 too, in float32. The paper's 512 needs 8× the chips, or the savings
+the plan did not count: ``--config.latent.dtype=bfloat16`` (activations) and
+``--config.latent.remat=True`` (not measurable on a CPU).
 ``runlocal`` runs the whole chain on CPU over the tiny SD-like fixture
 (``tests/fixtures/latent/tiny-sd``, random weights) and the digits, each with the prompt
 ``latent.prompt_template`` of its class name.

@@ -281,6 +281,12 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
   config.latent.sample_prompts = ("a photo of a cat", "a photo of a dog", "a red car",
                                   "a bowl of fruit")
   config.latent.w_embedding_dim = 256  # diffusers' time_cond_proj_dim (LCM's default)
+  # The networks' activations ("float32" or "bfloat16"; parameters and losses stay float32),
+  # remat (each resnet and transformer recomputed in the backward pass) and the attention
+  # implementation (distill/attention.py) of every module read from teacher.pretrained.
+  config.latent.dtype = "float32"
+  config.latent.remat = False
+  config.latent.attention = "auto"
   # Encode the training split once into workdir/latent_cache/ and train every link on it
   # (distill/latent/cache.py); for long runs at high resolution.
   config.latent.cache = False

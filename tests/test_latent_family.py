@@ -253,3 +253,26 @@ def test_full_size_sd15_builds_and_lowers_its_training_steps(tmp_path):
                                                              tx), teacher)
     lowered = step.lower(state, frozen, batch, jax.random.key(0))
     assert lowered.cost_analysis()["flops"] > 1e12  # SD's U-Net at 64×64 latents, with gradients
+
+
+def test_latent_dtype_remat_and_attention_reach_every_network():
+  """``latent.dtype``, ``latent.remat`` and ``latent.attention`` build the teacher and the student
+  with them; in bfloat16 the teacher's output stays within bfloat16 rounding of float32's, and
+  a bad value is one line."""
+  config = load_config("sd15:runlocal")
+  base = latent_family.from_config(config)
+  config.latent.update(dtype="bfloat16", remat=True, attention="chunked")
+  fam = latent_family.from_config(config)
+  for net in (fam.teacher, fam.student):
+    assert (net.dtype, net.remat, net.attention) == (jnp.bfloat16, True, "chunked")
+  assert fam.models.vae.dtype == jnp.bfloat16
+  z = jax.random.normal(jax.random.key(0), (2, *fam.x_shape))
+  ctx = jnp.broadcast_to(base.context_table[:1], (2, *base.context_table.shape[1:]))
+  f32 = base.models.unet_apply(z, jnp.array([500.0, 100.0]), ctx)
+  b16 = fam.models.unet_apply(z, jnp.array([500.0, 100.0]), ctx)
+  scale = float(jnp.abs(f32).max())
+  assert scale > 0.1 and float(jnp.abs(b16 - f32).max()) < 0.05 * scale
+  config.latent.dtype = "float16"
+  with pytest.raises(ValueError, match=r"^latent\.dtype='float16' is not one of \['float32', "
+                                       r"'bfloat16'\]\.$"):
+    latent_family.from_config(config)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from distill import attention as attention_ops
 from distill import diffusion, layout
 from distill.latent import layers, pretrained, unet, vae
 
@@ -236,11 +237,18 @@ def folder_prediction_type(path) -> str:
   return json.loads(sched.read_text()).get("prediction_type", "epsilon")
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 @functools.lru_cache(maxsize=8)
 def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple,
-          num_classes: int, w_dim: int, v_teacher: bool, shapes_only: bool) -> LatentFamily:
+          num_classes: int, w_dim: int, v_teacher: bool, shapes_only: bool,
+          dtype: str = "float32", remat: bool = False, attention: str = "auto") -> LatentFamily:
   check_folder(path, conditioning)
-  models = pretrained.load_pretrained(path, shapes_only=shapes_only)
+  models = pretrained.load_pretrained(path, dtype=DTYPES[dtype], remat=remat,
+                                      shapes_only=shapes_only)
+  if attention != "auto":
+    models.unet = models.unet.clone(attention=attention)
   cfg = models.unet.config
   if w_dim is None:  # a student written by distill.export: its U-Net is the student
     if cfg.time_cond_proj_dim is None:
@@ -298,8 +306,14 @@ def from_config(config, *, shapes_only: bool = False) -> LatentFamily:
   if not (lat.w_embedding_dim >= 4 and lat.w_embedding_dim % 2 == 0):
     raise ValueError(f"latent.w_embedding_dim={lat.w_embedding_dim} must be an even number "
                      ">= 4 (diffusers' default is 256).")
+  if lat.get("dtype", "float32") not in DTYPES:
+    raise ValueError(f"latent.dtype={lat.dtype!r} is not one of {list(DTYPES)}.")
+  if lat.get("attention", "auto") not in attention_ops.IMPLEMENTATIONS:
+    raise ValueError(f"latent.attention={lat.attention!r} is not one of "
+                     f"{list(attention_ops.IMPLEMENTATIONS)}.")
   return _load(str(config.teacher.pretrained), str(lat.conditioning), str(lat.prompt_template),
                tuple(str(n) for n in (lat.get("class_names") or ())),
                int(config.data.num_classes), int(lat.w_embedding_dim),
-               layout.has_teacher_v(config), shapes_only)
+               layout.has_teacher_v(config), shapes_only, str(lat.get("dtype", "float32")),
+               bool(lat.get("remat", False)), str(lat.get("attention", "auto")))
 
