@@ -28,7 +28,7 @@
    chip: the arguments (the state's and frozen teacher's shards, the batch's), temporaries,
    and the peak, arguments + temporaries + outputs − the donated state the outputs reuse.
    Attention is the chunked one (``"auto"`` on a CPU at 4096 tokens); a TPU takes the flash
-   kernel. Remat rows are asked for with ``--plan_remat``; the CPU compiler shows no saving
+   kernel. ``--plan_dtype=bfloat16`` compiles with bfloat16 activations (``latent.dtype``). Remat rows are asked for with ``--plan_remat``; the CPU compiler shows no saving
    from them (above).
 
 ``--quick`` runs a tiny U-Net config instead (for the test suite), and the plan of stage two
@@ -164,6 +164,8 @@ def main(argv=None):
   parser.add_argument("--plan_batches", default="1,4,8")
   parser.add_argument("--fsdp", default="8,16")
   parser.add_argument("--plan_remat", default="off", choices=("both", "on", "off"))
+  parser.add_argument("--plan_dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="the plan's activations (latent.dtype)")
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")] if not args.quick else [1]
@@ -221,6 +223,7 @@ def main(argv=None):
       config = load_config("sd15")
       config.teacher.pretrained = reference_configs.write_sd15_layout(
           tempfile.mkdtemp(prefix="sd15-layout-"), tokenizer=TOKENIZER)
+      config.latent.dtype = args.plan_dtype
       fsdps = tuple(int(n) for n in args.fsdp.split(","))
       plan_batches = tuple(int(n) for n in args.plan_batches.split(","))
     plan_remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.plan_remat]
