@@ -35,10 +35,25 @@ def machine_line() -> str:
           f"{datetime.date.today().isoformat()}")
 
 
+def on_sd15_layout(config):
+  """``config`` with ``teacher.pretrained`` a fresh full-size SD 1.5 folder of config files
+  (``reference_configs.write_sd15_layout``; the tokenizer of the tiny test fixture): enough to
+  build the family on abstract shapes."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from distill.latent import reference_configs  # pylint: disable=import-outside-toplevel
+  tokenizer = (pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "latent"
+               / "tiny-sd" / "tokenizer")
+  config.teacher.pretrained = reference_configs.write_sd15_layout(
+      tempfile.mkdtemp(prefix="sd15-layout-"), tokenizer=tokenizer)
+  return config
+
+
 def shard_bytes(tree) -> int:
-  """Bytes one device holds of ``tree``'s abstract arrays, by their shardings."""
-  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                 for x in jax.tree.leaves(tree)))
+  """Bytes one device holds of ``tree``'s abstract arrays, by their shardings (whole arrays
+  when they have none)."""
+  shape = lambda x: x.shape if x.sharding is None else x.sharding.shard_shape(x.shape)
+  return int(sum(math.prod(shape(x)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def step_memory(step, state, frozen, batch) -> dict:
@@ -58,6 +73,8 @@ def compile_step(step, state, frozen, batch):
   memory = {"compile_s": round(time.time() - t0, 1),
             "argument_bytes": int(mem.argument_size_in_bytes),
             "temp_bytes": int(mem.temp_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes),
             "peak_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes
                               + mem.output_size_in_bytes - mem.alias_size_in_bytes),
             "state_shard_bytes": shard_bytes(state) + shard_bytes(frozen),

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import pathlib
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +36,8 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from distill import family, layout, losses, sample, sharding, train  # noqa: E402
 from distill.config_utils import load_config  # noqa: E402
-from distill.latent import family as latent_family, reference_configs  # noqa: E402
+from distill.latent import family as latent_family  # noqa: E402
 
-TOKENIZER = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "latent" / \
-    "tiny-sd" / "tokenizer"
 DEFAULT_BATCHES = {"imagenet64": 32, "sd15": 2}
 
 
@@ -51,8 +48,7 @@ def model_family(name: str, quick: bool):
     fam = family.of(config)
     return config, fam, fam.init_teacher(jax.random.key(0))
   if not quick:
-    config.teacher.pretrained = reference_configs.write_sd15_layout(
-        tempfile.mkdtemp(prefix="sd15-layout-"), tokenizer=TOKENIZER)
+    config = common.on_sd15_layout(config)
   fam = latent_family.from_config(config, shapes_only=not quick)
   if not quick:  # random weights of the published shapes (U-Net and VAE), made on the device
     models = dataclasses.replace(fam.models, unet_params=_random_like(fam.models.unet_params, 0),

@@ -42,7 +42,6 @@ import dataclasses
 import json
 import pathlib
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -60,8 +59,6 @@ from distill.config_utils import load_config  # noqa: E402
 from distill.latent import clip, reference_configs, unet, vae  # noqa: E402
 from distill.latent import family as latent_family  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-TOKENIZER = REPO / "tests" / "fixtures" / "latent" / "tiny-sd" / "tokenizer"
 
 CHIPS = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "H100": 80}  # HBM GiB per chip
 TINY_UNET = dict(reference_configs.SD15_UNET, block_out_channels=[32, 64], layers_per_block=1,
@@ -220,9 +217,7 @@ def main(argv=None):
       config, fsdps, plan_batches = load_config("sd15:runlocal"), (2,), (1,)
       stages = ("stage_two",)
     else:
-      config = load_config("sd15")
-      config.teacher.pretrained = reference_configs.write_sd15_layout(
-          tempfile.mkdtemp(prefix="sd15-layout-"), tokenizer=TOKENIZER)
+      config = common.on_sd15_layout(load_config("sd15"))
       config.latent.dtype = args.plan_dtype
       fsdps = tuple(int(n) for n in args.fsdp.split(","))
       plan_batches = tuple(int(n) for n in args.plan_batches.split(","))
