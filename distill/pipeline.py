@@ -220,15 +220,15 @@ def run(config, workdir) -> None:
         config, workdir, link, mesh, teacher_params, progress=tracker))
     params[link.name] = lambda state=state: state.ema_params
 
-  if "eval" in stages and jax.process_index() == 0:
+  if "eval" in stages:
     start = time.time()
-    # Process 0 alone: on one host the run's mesh, on several its own devices.
-    out = evaluate.run(config, workdir, mesh=mesh if jax.process_count() == 1 else
-                       sharding.make_mesh(devices=jax.local_devices()))
+    # Every process draws its devices' share of each cell on the run's mesh; process 0 writes.
+    out = evaluate.run(config, workdir, mesh=mesh)
     record.complete("eval", step=0, seconds=time.time() - start)
-    logging.info("eval: report written to %s", out)
-    for line in evaluate.summary(out, config):
-      logging.info("%s", line)
+    if jax.process_index() == 0:
+      logging.info("eval: report written to %s", out)
+      for line in evaluate.summary(out, config):
+        logging.info("%s", line)
   logging.info("run finished in %s (%s)", progress.format_seconds(time.time() - tracker.started),
                ", ".join(stages))
 

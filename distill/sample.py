@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from distill import (cli, compilation_cache, denoiser, diffusion, editing, family, images, layout,
-                     paths, sharding)
+                     paths, processes, sharding)
 
 MODELS = ("teacher", "stage_one", "student")
 ENCODER = "encoder"  # a distilled encoder (paper §4.3): load_model(workdir, ENCODER, num_steps=N)
@@ -225,17 +225,33 @@ def _noise(base, indices, shape):
   return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(base, j), shape))(indices)
 
 
-def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels=None, w,
-             seed: int, batch_size: int = 500, prompts=None, source=None, fill_mask=None,
-             strength: float = 1.0, source_labels=None, source_prompts=None,
-             encoder: LoadedModel | None = None) -> np.ndarray:
+def generate(loaded: LoadedModel, **kwargs) -> np.ndarray:
   """Samples for per-example ``labels`` (or ``prompts``, for a text-conditioned latent teacher)
-  and ``w`` (arrays of one length), in batches; decoded images in about [−1, 1].
+  and ``w`` (arrays of one length), in batches; decoded images in about [−1, 1]. The arguments
+  are those of ``generate_rows``.
+
+  On several processes each one calls it: each draws its devices' rows of every batch, and
+  every process returns all the samples."""
+  rows, parts = [], []
+  for batch_rows, x in generate_rows(loaded, **kwargs):
+    rows.append(batch_rows)
+    parts.append(x)
+  count = len(kwargs["prompts"] if kwargs.get("prompts") is not None else kwargs["labels"])
+  return processes.gather_rows(np.concatenate(rows), np.concatenate(parts), count)
+
+
+def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels=None, w,
+                  seed: int, batch_size: int = 500, prompts=None, source=None, fill_mask=None,
+                  strength: float = 1.0, source_labels=None, source_prompts=None,
+                  encoder: LoadedModel | None = None):
+  """Yields ``(rows, images)`` per batch: the samples this process's devices drew, and their
+  example indices (``processes.PADDING`` for a batch's padding rows, drawn alongside).
 
   Example ``j`` starts from ``z_1 = normal(fold_in(key(seed), j))``, so a deterministic sample
   does not depend on the batch size or on which other samples are drawn (the stochastic
   sampler's re-noising draws one key per batch). Each batch is split over ``loaded.mesh``
-  (padded to a multiple of its size); the samples are those of one device, to float32 rounding.
+  (padded to a multiple of its size), which may span several processes; the samples are those
+  of one device, to float32 rounding.
 
   Editing (``distill/editing.py``): with a ``source`` image (``[H, W, C]`` of
   ``family.image_shape``, in [−1, 1], for every example, or ``[count, H, W, C]``, one each) the
@@ -284,35 +300,32 @@ def generate(loaded: LoadedModel, *, sampler: str, num_steps: int | None, labels
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
   base = jax.random.key(seed)
-  split = sharding.batch_sharded(loaded.mesh) if loaded.mesh is not None else None
-  devices = loaded.mesh.size if loaded.mesh is not None else 1
+  mesh = loaded.mesh or sharding.make_mesh(1)
   size = min(batch_size, count)
-  size = -(-size // devices) * devices  # every batch the same shape: one compiled sampler
-  out = []
+  size = -(-size // mesh.size) * mesh.size  # every batch the same shape: one compiled sampler
   for start in range(0, count, batch_size):
     idx = np.arange(start, min(start + batch_size, count))
     idx_p = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
-    inputs = (_noise(base, jnp.asarray(idx_p), shape), conds(idx_p), jnp.asarray(w[idx_p]))
+    # Every process computes the whole batch's inputs (cheap) and its devices take their rows.
+    inputs = (_noise(base, jnp.asarray(idx_p), shape), conds(idx_p), w[idx_p])
     if encode is not None:  # z_1: each source encoded under its own condition
       encode_run, source_conds = encode
       enc_inputs = (fam.encode_images(source[idx_p]), source_conds(idx_p), inputs[2])
-      if split is not None:
-        enc_inputs = jax.device_put(enc_inputs, split)
-      inputs = (encode_run(encoder.params, *enc_inputs),) + inputs[1:]
+      inputs = (encode_run(encoder.params, *sharding.batch_from_host(mesh, enc_inputs)),
+                ) + inputs[1:]
     if edit is not None:  # each example's source, encoded, and its kept region
       x_source = fam.encode_images(source[idx_p])
       keep = None if fill_mask is None else editing.keep_at(fill_mask[idx_p], x_source.shape)
       inputs += ({"x": x_source, "keep": keep},)
-    if split is not None:
-      inputs = jax.device_put(inputs, split)
+    inputs = sharding.batch_from_host(mesh, inputs)
     if edit is not None:
       inputs = inputs[:3] + (dict(inputs[3], t_start=edit["t_start"]),)
-    x = run(*inputs[:3], jax.random.fold_in(base, 2**30 + start), *inputs[3:])
-    out.append(np.asarray(x)[:len(idx)])
-  x = np.concatenate(out)
-  if fill_mask is not None:
-    x = np.asarray(editing.composite(x, source, fill_mask))
-  return x
+    positions, x = processes.local_rows(
+        run(*inputs[:3], jax.random.fold_in(base, 2**30 + start), *inputs[3:]))
+    rows = np.where(positions < len(idx), idx_p[positions], processes.PADDING)
+    if fill_mask is not None:
+      x = np.asarray(editing.composite(x, source[idx_p[positions]], fill_mask[idx_p[positions]]))
+    yield rows, x
 
 
 def _conditions(fam, labels, prompts):

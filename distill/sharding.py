@@ -68,6 +68,21 @@ def global_batch(mesh, local_batch):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def batch_from_host(mesh, tree):
+  """A pytree of whole batches that every process holds alike (numpy or single-device arrays)
+  → global arrays split over the batch axes, each device taking its rows (a sampler's inputs).
+  Arrays that already span processes are passed through."""
+  target = batch_sharded(mesh)
+
+  def place(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return a
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, target, lambda index: a[index])
+
+  return jax.tree.map(place, tree)
+
+
 def replicate(mesh, tree):
   """Places a pytree replicated on every device of ``mesh``."""
   return jax.device_put(tree, replicated(mesh))

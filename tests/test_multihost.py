@@ -1,15 +1,20 @@
-"""Multi-host: the tiny teacher and stage one as 2 processes × 4 CPU devices equal 1 process × 8.
+"""Multi-host: the tiny teacher, stage one and the eval stage as 2 processes × 4 CPU devices
+equal 1 process × 8.
 
 The two processes are ``python -m distill.main --multihost`` with a coordinator on 127.0.0.1
 (``jax.distributed.initialize``; CPU collectives through gloo), sharing one workdir as pod
 workers share a ``gs://`` one. Each process reads only its rows of every global batch; all
 take part in the checkpoint saves and in their NaN check; only process 0 writes metrics. Every
 link's logged losses and final parameters must equal those of the single-process run on the
-same 8-device mesh: the ``tiny_pipeline`` fixture, trained in the test process.
+same 8-device mesh: the ``tiny_pipeline`` fixture, trained in the test process. The eval stage
+runs on a copy of that workdir without its report: each process draws its devices' rows of every
+batch, and process 0 writes cells that must equal the fixture's.
 """
 
 import os
+import json
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,10 +43,9 @@ def _config():
   return config
 
 
-def _args(workdir):
+def _args(workdir, *options):
   return ["-m", "distill.main", f"--config={REPO}/configs/digits.py:runlocal",
-          f"--workdir={workdir}", "--config.num_devices=-1", f"--config.stages={STAGES}",
-          "--config.stage_one.sample_every=0"]
+          f"--workdir={workdir}", "--config.num_devices=-1", *options]
 
 
 def _env(devices: int):
@@ -59,26 +63,46 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_pipeline, tmp_path_factory):
-  root = tmp_path_factory.mktemp("multihost")
-  assert jax.device_count() == 8  # the reference: this process's eight forced CPU devices
+def _run_two_processes(args, root, name) -> list[str]:
+  """Runs ``python args`` as processes 0 and 1 of 2, each with 4 CPU devices; their logs."""
   port = _free_port()
-  logs = [root / f"process_{i}.log" for i in (0, 1)]
+  logs = [root / f"{name}_process_{i}.log" for i in (0, 1)]
   procs = []
   for i, log in enumerate(logs):  # logs to files: a full pipe would stall one process
     with open(log, "w", encoding="utf-8") as out:
       procs.append(subprocess.Popen(
-          [sys.executable, *_args(root / "multi"), "--multihost",
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+          [sys.executable, *args, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}"],
           env=_env(4), stdout=out, stderr=subprocess.STDOUT, text=True))
   for p in procs:
     p.wait(timeout=1200)
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    text = log.read_text()
+  texts = [log.read_text() for log in logs]
+  for i, (p, text) in enumerate(zip(procs, texts)):
     assert p.returncode == 0, text[-3000:]
     assert f"JAX process {i}/2, 4 local / 8 global devices" in text
+  return texts
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pipeline, tmp_path_factory):
+  root = tmp_path_factory.mktemp("multihost")
+  assert jax.device_count() == 8  # the reference: this process's eight forced CPU devices
+  _run_two_processes(_args(root / "multi", f"--config.stages={STAGES}",
+                           "--config.stage_one.sample_every=0"), root, "train")
   return tiny_pipeline, root / "multi"
+
+
+EVAL_SEED = 0  # the fixture's cells of this seed are redrawn: every method, step count and w
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tiny_pipeline, tmp_path_factory):
+  """The fixture's workdir copied without its report, and the eval stage run on it by 2
+  processes; ``(reference, copy, logs)``."""
+  root = tmp_path_factory.mktemp("multihost_eval")
+  shutil.copytree(tiny_pipeline, root / "multi", ignore=shutil.ignore_patterns("report"))
+  args = _args(root / "multi", "--config.stages=eval", f"--config.eval.seeds={EVAL_SEED},")
+  return tiny_pipeline, root / "multi", _run_two_processes(args, root, "eval")
 
 
 def _losses(directory):
@@ -111,3 +135,36 @@ def test_two_processes_match_one_process(runs):
     pb = jax.device_get(layout.read_final_params(config, multi, link, mesh))
     jax.tree.map(lambda x, y, name=link.name: np.testing.assert_allclose(
         y, x, rtol=1e-4, atol=1e-5, err_msg=name), pa, pb)
+
+
+def test_two_processes_evaluate_as_one(eval_runs):
+  single, multi, logs = eval_runs
+  config = _config()
+  reference = sorted((single / "report" / "cells").glob(f"*_seed{EVAL_SEED}.json"))
+  assert sorted(p.name for p in (multi / "report" / "cells").iterdir()) == [
+      p.name for p in reference] and len(reference) == 16
+  for path in reference:
+    want, got = json.loads(path.read_text()), json.loads((multi / "report" / "cells" /
+                                                          path.name).read_text())
+    for key in ("fid", "is", "class_accuracy", "precision", "recall"):
+      # Samples to float32 rounding (another device count per process runs the same programs);
+      # a sample drawn twice, lost or out of order moves a metric by far more.
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{path.name} {key}")
+    assert got["num_samples"] == want["num_samples"] == config.eval.num_samples
+  # The reference features were extracted share by share and gathered: the same statistics.
+  for stats in (single / "report").glob("stats_*.npz"):
+    a, b = np.load(stats), np.load(multi / "report" / stats.name)
+    np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-6, atol=1e-9)
+    assert int(a["count"]) == int(b["count"])
+  for head in (single / "report" / "heads").iterdir():  # the grids' samples, gathered in order
+    a, b = np.load(head), np.load(multi / "report" / "heads" / head.name)
+    np.testing.assert_allclose(b["images"], a["images"], atol=1e-5)
+    assert list(b["conditions"]) == list(a["conditions"])
+  assert (multi / "report" / "table.md").exists()
+  # Each process drew the rows of its 4 devices in every batch: a batch of 20 is padded to 24,
+  # 3 rows per device, so process 0 holds examples 0–11 and process 1 examples 12–19.
+  n = config.eval.num_samples
+  assert (n, config.eval.batch_size) == (20, 20)
+  for i, (mine, text) in enumerate(zip((12, 8), logs)):
+    assert (f"eval: process {i}/2 drew {mine * len(reference)} of the {n * len(reference)} "
+            "samples (its 4 of 8 devices)" in text), text[-2000:]

@@ -29,14 +29,16 @@ import json
 import logging
 import time
 
+import jax
 import numpy as np
 from etils import epath
 
-from distill import files, images, input_pipeline, layout, paths, progress, sample
+from distill import files, images, input_pipeline, layout, paths, processes, progress, sample
 from distill.evaluation import clip_score, features, metrics, report
 from distill.latent import clip_loader
 
 METHODS = ("teacher", "ddim", "dpm_solver", "student", "student_stochastic")
+GRID_SAMPLES = 100  # the first seed's grid per cell: 10 × 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,28 +95,64 @@ def eval_prompts(config) -> list[str]:
   return [captions[i % len(captions)] for i in range(int(e.num_samples))]
 
 
-def _generate(loaded, cell: Cell, config, prompts=None) -> tuple[np.ndarray, np.ndarray | None]:
+def _cell_samples(loaded, cell: Cell, config, extract, *, prompts=None, clip=None,
+                  keep_images: int = 0) -> dict:
+  """Draws one cell's samples and returns their per-sample arrays, in example order, on every
+  process: ``features``, ``probs`` (or None), ``clip_image`` (CLIP image embeddings, with
+  ``clip``), the first ``keep_images`` ``images``, the ``labels`` and the count of samples this
+  process ``drawn``. Each process draws and measures its devices' rows of every batch
+  (``sample.generate_rows``); the rows are then gathered."""
   n = int(config.eval.num_samples)
   labels = None if prompts is not None else np.arange(n) % config.data.num_classes
   sampler = {"student_stochastic": "stochastic",
              "dpm_solver": "dpm_solver"}.get(cell.method, "deterministic")
   num_steps = None if cell.method.startswith("student") else cell.steps
-  x = sample.generate(loaded, sampler=sampler, num_steps=num_steps, labels=labels,
-                      prompts=prompts, w=np.full(n, cell.w), seed=cell.seed,
-                      batch_size=config.eval.batch_size)
-  return x, labels
+  rows, parts, head_rows, head = [], [], [], []
+  drawn = 0  # this process's samples
+  batch_size = int(config.eval.batch_size)
+  for i, (batch_rows, x) in enumerate(sample.generate_rows(
+      loaded, sampler=sampler, num_steps=num_steps, labels=labels, prompts=prompts,
+      w=np.full(n, cell.w), seed=cell.seed, batch_size=batch_size)):
+    # Gathered batch by batch: a cell's features never sit on a device at once.
+    arrays = {k: v for k, v in sample_arrays(extract, x, clip=clip).items() if v is not None}
+    drawn += int(np.sum(batch_rows != processes.PADDING))
+    got_rows, got = processes.gather(batch_rows, arrays)
+    rows.append(got_rows)
+    parts.append(got)
+    if i * batch_size < keep_images:  # a collective: every process decides alike
+      first = (batch_rows != processes.PADDING) & (batch_rows < keep_images)
+      got_rows, got = processes.gather(batch_rows[first], x[first])
+      head_rows.append(got_rows)
+      head.append(got)
+  out = dict.fromkeys(("features", "probs", "clip_image"))
+  out.update(processes.place_rows(
+      np.concatenate(rows), {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, n))
+  out.update(labels=labels, drawn=drawn)
+  if keep_images:
+    out["images"] = processes.place_rows(np.concatenate(head_rows), np.concatenate(head),
+                                         min(keep_images, n))
+  return out
 
 
-def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
-                 class_accuracy: bool = True, clip=None, prompts=None) -> dict:
-  """The metrics of one cell's samples ``x``; ``clip`` and ``prompts`` add the CLIP score."""
+def sample_arrays(extract, x, *, clip=None) -> dict:
+  """The per-sample arrays of images ``x`` that the metrics need: ``features`` and ``probs``
+  of ``extract``, and with ``clip`` the CLIP image embeddings (``clip_image``)."""
   feats, probs = [], []
   for i in range(0, len(x), 1000):
     f, p = extract(x[i:i + 1000])
     feats.append(f)
     probs.append(p)
-  feats = np.concatenate(feats)
-  probs = None if probs[0] is None else np.concatenate(probs)
+  return {"features": np.concatenate(feats),
+          "probs": None if probs[0] is None else np.concatenate(probs),
+          "clip_image": (None if clip is None else
+                         clip_score.image_embeddings(clip, x))}
+
+
+def metrics_of(arrays: dict, labels, ref_stats, real_feats, *, pr_samples: int,
+               class_accuracy: bool = True, text_embeddings=None) -> dict:
+  """The metrics of one cell from its per-sample ``arrays`` (``sample_arrays``);
+  ``text_embeddings`` of the samples' prompts add the CLIP score."""
+  feats, probs = arrays["features"], arrays["probs"]
   stats = metrics.FeatureStats(feats.shape[1])
   stats.update(feats)
   mu, sigma, _ = ref_stats
@@ -123,20 +161,33 @@ def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
   precision, recall = metrics.precision_recall(real_feats[:pr_samples], feats[:pr_samples])
   accuracy = (float(np.mean(np.argmax(probs, axis=1) == labels))
               if class_accuracy and probs is not None else None)
-  score = (clip_score.clip_score(clip, x, prompts) if clip is not None and prompts is not None
-           else None)
+  score = (float(np.mean(clip_score.score_from_embeddings(arrays["clip_image"], text_embeddings)))
+           if arrays.get("clip_image") is not None and text_embeddings is not None else None)
   return {"fid": metrics.frechet_distance(stats.mean, stats.cov, mu, sigma), "is": is_mean,
           "class_accuracy": accuracy, "clip_score": score, "precision": precision,
-          "recall": recall, "num_samples": int(len(x))}
+          "recall": recall, "num_samples": int(len(feats))}
+
+
+def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
+                 class_accuracy: bool = True, clip=None, prompts=None) -> dict:
+  """The metrics of one cell's samples ``x``; ``clip`` and ``prompts`` add the CLIP score."""
+  with_score = clip is not None and prompts is not None
+  text = clip_score.text_embeddings(clip, prompts) if with_score else None
+  return metrics_of(sample_arrays(extract, x, clip=clip if with_score else None), labels,
+                    ref_stats, real_feats, pr_samples=pr_samples,
+                    class_accuracy=class_accuracy, text_embeddings=text)
 
 
 def run(config, workdir, *, mesh=None) -> epath.Path:
   """Computes the missing cells, then writes ``workdir/report/`` (table, figures, grids).
 
   The samplers split each batch over ``mesh`` (default: one device); the cells are those of one
-  device, to float32 rounding."""
+  device, to float32 rounding. On several processes every one calls it with the global mesh:
+  each draws and measures its devices' rows of every batch, the per-sample features are
+  gathered, and process 0 computes the metrics and writes the files."""
   workdir = epath.Path(paths.resolve(workdir))
   out = workdir / "report"
+  writer = processes.is_writer()
   extract, info = features.make_extractor(config, workdir)
   ref_stats = features.real_stats(config, extract, "train", out)
   real_train = features.real_features(config, extract, "train", config.eval.pr_samples)
@@ -146,12 +197,15 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
   captioned = input_pipeline.captioned(config.data)
   prompts = eval_prompts(config) if captioned else None
   clip = clip_loader.load(config.eval.clip_model) if config.eval.get("clip_model") else None
+  text = clip_score.text_embeddings(clip, prompts) if clip is not None and captioned else None
   cells = plan(config, workdir)
   tracker = progress.EvalProgress(cells, int(config.eval.num_samples))
-  loaded = {}
-  for cell in cells:
+  # Every process takes the same cells: process 0's view of which are done.
+  done = processes.agree([(out / "cells" / f"{c.key}.json").exists() for c in cells])
+  loaded, drawn, total = {}, 0, 0
+  for cell, is_done in zip(cells, done):
     path = out / "cells" / f"{cell.key}.json"
-    if path.exists():
+    if is_done:
       tracker.skip(cell.key)
       continue
     kind = "teacher" if cell.method in ("teacher", "ddim", "dpm_solver") else "student"
@@ -161,10 +215,16 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
       loaded[model_key] = sample.load_model(workdir, kind, num_steps=model_key[1],
                                             config=config, mesh=mesh)
     t0 = time.time()
-    x, labels = _generate(loaded[model_key], cell, config, prompts)
-    result = cell_metrics(extract, x, labels, ref_stats, real_train,
-                          pr_samples=int(config.eval.pr_samples),
-                          class_accuracy=info["class_accuracy"], clip=clip, prompts=prompts)
+    first_seed = cell.seed == config.eval.seeds[0]
+    arrays = _cell_samples(loaded[model_key], cell, config, extract, prompts=prompts,
+                           clip=clip if text is not None else None,
+                           keep_images=GRID_SAMPLES if first_seed else 0)
+    drawn, total = drawn + arrays["drawn"], total + len(arrays["features"])
+    if not writer:
+      continue
+    result = metrics_of(arrays, arrays["labels"], ref_stats, real_train,
+                        pr_samples=int(config.eval.pr_samples),
+                        class_accuracy=info["class_accuracy"], text_embeddings=text)
     result.update(dataclasses.asdict(cell), nfe=cell.nfe, seconds=round(time.time() - t0, 1))
     shown = [f"FID {result['fid']:.3f}"] + [
         f"{label} {result[key]:.{digits}f}" for key, label, digits in (
@@ -172,20 +232,29 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
             ("clip_score", "CLIP score", 2)) if result.get(key) is not None]
     logging.info("eval %s: %s (%.0f s; %s)", cell.key, ", ".join(shown), result["seconds"],
                  tracker.done(cell.key, result["seconds"]))
-    if cell.seed == config.eval.seeds[0]:
+    if first_seed:
+      x = arrays["images"]
       name = report.head_name(cell.method, cell.steps, cell.w)
-      grid = images.grid(x[:100], rows=10) if len(x) >= 100 else images.grid(x, rows=1)
+      grid = images.grid(x, rows=10) if len(x) >= GRID_SAMPLES else images.grid(x, rows=1)
       images.save_png(grid, out / "grids" / f"{name}.png", scale=4)
       report.save_head(out, name, x, conditions=prompts if captioned else
-                       [f"class {label}" for label in labels])
+                       [f"class {label}" for label in arrays["labels"]])
     files.write_atomic(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
-  results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
-  if clip is not None:
-    info = dict(info, clip_model=str(config.eval.clip_model))
-  autoencoder = workdir / "autoencoder" / "metrics.json"  # a first stage trained here
-  if layout.trains_parts(config) and autoencoder.exists():
-    info = dict(info, autoencoder=json.loads(autoencoder.read_text()))
-  report.write(out, results, config=config, floor=floor, extractor=info)
+  if writer:
+    results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
+    if clip is not None:
+      info = dict(info, clip_model=str(config.eval.clip_model))
+    autoencoder = workdir / "autoencoder" / "metrics.json"  # a first stage trained here
+    if layout.trains_parts(config) and autoencoder.exists():
+      info = dict(info, autoencoder=json.loads(autoencoder.read_text()))
+    report.write(out, results, config=config, floor=floor, extractor=info)
+  if total:
+    mine = sum(d.process_index == jax.process_index() for d in (mesh.devices.flat if mesh
+                                                               else jax.local_devices()[:1]))
+    logging.info("eval: process %d/%d drew %d of the %d samples (its %d of %d devices)",
+                 jax.process_index(), jax.process_count(), drawn, total, mine,
+                 mesh.size if mesh else 1)
+  processes.barrier("eval")  # the report is there when any process returns
   return out
 
 

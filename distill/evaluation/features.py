@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from etils import epath
 
-from distill import input_pipeline
+from distill import input_pipeline, processes
 from distill.latent import clip_loader
 from distill.evaluation import clip_score, digits_classifier, inception
 from distill.evaluation.metrics import FeatureStats
@@ -61,23 +61,33 @@ def real_images(config, split: str, limit: int, batch: int = 1000):
     yield np.stack([item["image"] for item in items]).astype(np.float32)
 
 
+def shared_features(extract: Extractor, x) -> np.ndarray:
+  """``extract(x)[0]`` with the work split over the processes (every one holds all of ``x``):
+  each extracts its share of the rows (``processes.share``) and all get every row's features."""
+  rows = processes.share(len(x))
+  return processes.gather_rows(rows, extract(x[np.maximum(rows, 0)])[0], len(x))
+
+
 def real_features(config, extract: Extractor, split: str, limit: int) -> np.ndarray:
-  return np.concatenate([extract(x)[0] for x in real_images(config, split, limit)])
+  return np.concatenate([shared_features(extract, x)
+                         for x in real_images(config, split, limit)])
 
 
 def real_stats(config, extract: Extractor, split: str, directory) -> tuple:
   """Mean, covariance and count of a split's features (up to ``eval.reference_samples``
-  images), cached as ``.npz`` in ``directory``."""
+  images), cached as ``.npz`` in ``directory`` (written by process 0)."""
   limit = int(config.eval.reference_samples)
   name = config.eval.features
   if name == "clip":
     name += "-" + epath.Path(config.eval.clip_model).name
   path = epath.Path(directory) / f"stats_{config.data.name}_{split}_{name}_{limit}.npz"
-  if not path.exists():
-    stats = None
-    for x in real_images(config, split, limit):
-      feats = extract(x)[0]
-      stats = stats or FeatureStats(feats.shape[1])
-      stats.update(feats)
+  if processes.agree(path.exists()):
+    return FeatureStats.load(path)
+  stats = None
+  for x in real_images(config, split, limit):
+    feats = shared_features(extract, x)
+    stats = stats or FeatureStats(feats.shape[1])
+    stats.update(feats)
+  if processes.is_writer():
     stats.save(path)
-  return FeatureStats.load(path)
+  return stats.mean, stats.cov, stats.count
