@@ -284,6 +284,10 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
   # The networks' activations ("float32" or "bfloat16"; parameters and losses stay float32),
   # remat (each resnet and transformer recomputed in the backward pass) and the attention
   # implementation (distill/attention.py) of every module read from teacher.pretrained.
+  # A teacher trained here (configs/emoji.py) as an inpainting U-Net: latents, mask and masked
+  # image's latents in (distill/latent/inpainting.py). An imported teacher is one if its U-Net
+  # has 2·C + 1 input channels, whatever this says.
+  config.latent.inpainting = False
   config.latent.dtype = "float32"
   config.latent.remat = False
   config.latent.attention = "auto"

@@ -9,8 +9,9 @@ evaluation see a teacher only through a ``DenoiserFamily``:
   ``x_hat = α z − σ v̂`` (``denoiser.x_prediction``);
 * the null condition ``null_cond(cond)`` of classifier-free guidance;
 * the teacher's schedule ``logsnr_fn(t)``;
-* the data: ``prepare_batches(batches)``, the data pipeline's ``{"image", "label"}`` batches
-  mapped to what the family trains on (outside the train step), ``x_and_cond(batch)``, such a
+* the data: ``prepare_batches(batches, seed=)``, the data pipeline's ``{"image", "label"}``
+  batches mapped to what the family trains on (outside the train step; ``seed`` for what it
+  draws, such as an inpainting teacher's masks), ``x_and_cond(batch)``, such a
   batch turned into the diffused variable and its condition, and ``cond_from_labels(labels)``
   for sampling;
 * ``decode(x)``: images in [−1, 1], run outside the compiled samplers; and ``x_shape``, one
@@ -47,7 +48,7 @@ class DenoiserFamily(Protocol):
   def v_hat(self, net, params, z, t, cond, w=None, *, train: bool = False, rngs=None): ...
   def null_cond(self, cond) -> Any: ...
   def logsnr_fn(self, t): ...
-  def prepare_batches(self, batches) -> Any: ...
+  def prepare_batches(self, batches, *, seed: int = 0) -> Any: ...
   def x_and_cond(self, batch) -> tuple[jax.Array, Any]: ...
   def cond_from_labels(self, labels) -> Any: ...
   def decode(self, x): ...
@@ -94,7 +95,8 @@ class PixelFamily:
   def logsnr_fn(self, t):
     return schedules.cosine_logsnr(t)
 
-  def prepare_batches(self, batches):
+  def prepare_batches(self, batches, *, seed: int = 0):
+    del seed  # nothing drawn
     return batches
 
   def x_and_cond(self, batch):

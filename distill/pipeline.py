@@ -86,7 +86,7 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
   items = latent_cache.CachedSource(workdir) if latent_cache.is_enabled(config) else None
   batches = fam.prepare_batches(input_pipeline.train_batches(
       config.data, global_batch_size=section.batch_size, seed=config.seed + link.index,
-      items=items))
+      items=items), seed=config.seed + link.index)
   if link.name in ("teacher", "teacher_v"):
     # teacher_v: the imported ε-teacher's network, now read as v (the family's teacher predicts
     # v when the chain has this link), trained with the teacher's objective (paper §4.2).
@@ -197,6 +197,10 @@ def run(config, workdir) -> None:
                                       or "eval" in stages):
     config = _teacher_from_parts(config, workdir)
 
+  if latent_cache.is_enabled(config) and getattr(family.of(config), "inpainting", False):
+    raise ValueError(f"latent.cache=True: the inpainting teacher in {config.teacher.pretrained} "
+                     "is trained on a mask drawn per example and step, whose masked images the "
+                     "cache does not hold; set --config.latent.cache=False.")
   if trained and latent_cache.is_enabled(config) and not record.is_complete("latent_cache"):
     start = time.time()
     latent_cache.build(config, workdir, family.of(config))

@@ -258,7 +258,9 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
   examples edit it. ``strength`` is the start time (image-to-image; ``edit_start``), and ``z_1``
   is the noise of its stochastic encoding. With a ``fill_mask`` (``[H, W]`` or ``[count, H, W]``,
   1 = fill) the rest of the source is kept (inpainting by replacement), and the returned images
-  take the source's pixels there.
+  take the source's pixels there. A 9-channel inpainting U-Net (``family.inpainting``) is given
+  the mask and the masked source as its condition instead (``distill/latent/inpainting.py``), and
+  its samples are returned as decoded; without a mask it fills the whole image (it generates).
 
   Style transfer (paper §4.3): with ``source_labels`` (or ``source_prompts``), the condition of
   each source, the source is encoded by ``encoder`` under it (DDIM encoding, Eq. 2 from the data
@@ -289,7 +291,10 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
     if fill_mask is not None:
       fill_mask = np.asarray(fill_mask, np.float32)
       fill_mask = np.broadcast_to(fill_mask, (count,) + tuple(fam.image_shape)[:2])
-    edit = {"t_start": jnp.float32(t_start)}
+    # An inpainting U-Net at t0 = 1 starts from pure noise, as diffusers' pipeline does: the
+    # source reaches it through the condition only.
+    if not (getattr(fam, "inpainting", False) and t_start >= 1.0):
+      edit = {"t_start": jnp.float32(t_start)}
   if source is not None:
     image = tuple(fam.image_shape)
     source = np.asarray(source, np.float32)
@@ -297,6 +302,11 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
     if source.shape != (count,) + image:
       raise ValueError(f"the source images have shape {source.shape}; the model's images are "
                        f"{image}: pass one, or one per example ({count}).")
+  inpainting_unet = getattr(fam, "inpainting", False)
+  if inpainting_unet:  # the mask and the masked image are part of the condition
+    conds = _inpainting_conds(fam, conds, source, fill_mask)
+  if encode is not None and getattr(encoder.family, "inpainting", False):
+    encode = (encode[0], _inpainting_conds(encoder.family, encode[1], None, None))
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
   base = jax.random.key(seed)
@@ -315,7 +325,8 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
                 ) + inputs[1:]
     if edit is not None:  # each example's source, encoded, and its kept region
       x_source = fam.encode_images(source[idx_p])
-      keep = None if fill_mask is None else editing.keep_at(fill_mask[idx_p], x_source.shape)
+      keep = (None if fill_mask is None or inpainting_unet else
+              editing.keep_at(fill_mask[idx_p], x_source.shape))
       inputs += ({"x": x_source, "keep": keep},)
     inputs = sharding.batch_from_host(mesh, inputs)
     if edit is not None:
@@ -323,9 +334,19 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
     positions, x = processes.local_rows(
         run(*inputs[:3], jax.random.fold_in(base, 2**30 + start), *inputs[3:]))
     rows = np.where(positions < len(idx), idx_p[positions], processes.PADDING)
-    if fill_mask is not None:
+    if fill_mask is not None and not inpainting_unet:
       x = np.asarray(editing.composite(x, source[idx_p[positions]], fill_mask[idx_p[positions]]))
     yield rows, x
+
+
+def _inpainting_conds(fam, conds, source, fill_mask):
+  """``conds`` of an inpainting U-Net's family: each example's context with its mask and masked
+  source (``family.inpainting_cond``); without a mask, the whole image is filled."""
+  def fn(idx):
+    if fill_mask is None:
+      return fam.inpainting_cond(conds(idx))
+    return fam.inpainting_cond(conds(idx), source[idx], fill_mask[idx])
+  return fn
 
 
 def _conditions(fam, labels, prompts):

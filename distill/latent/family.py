@@ -38,7 +38,7 @@ from etils import epath
 
 from distill import attention as attention_ops
 from distill import diffusion, layout
-from distill.latent import layers, pretrained, unet, vae
+from distill.latent import inpainting, layers, pretrained, unet, vae
 
 CONDITIONINGS = ("class", "text")
 
@@ -73,6 +73,7 @@ class LatentFamily:
   teacher_prediction: str  # what the teacher network predicts: "epsilon" or "v_prediction"
   conditioning: str  # "class" or "text"
   context_table: np.ndarray  # [num_classes + 1, L, D]: each class's context, the null one last
+  inpainting: bool = False  # a 9-channel U-Net: cond is {"context", "mask", "masked"}
   name: str = "latent"
 
   @property
@@ -108,18 +109,41 @@ class LatentFamily:
     extra = {}
     if w is not None:
       extra["timestep_cond"] = guidance_embedding(jnp.broadcast_to(w, (b,)), self.w_dim)
-    out = net.apply({"params": params}, z, self.schedule.timestep(t), cond, **extra)
+    if self.inpainting:
+      z_in, context = inpainting.unet_input(z, cond), cond["context"]
+    else:
+      z_in, context = z, cond
+    out = net.apply({"params": params}, z_in, self.schedule.timestep(t), context, **extra)
     kind = "v_prediction" if w is not None else self.teacher_prediction
     return _v_from_prediction(z, out.astype(z.dtype), self.schedule.logsnr(t), kind)
 
   def null_cond(self, cond):
-    return jnp.broadcast_to(jnp.asarray(self.context_table[-1], jnp.float32), jnp.shape(cond))
+    """The null context (an inpainting condition keeps its mask and masked image)."""
+    null = lambda context: jnp.broadcast_to(jnp.asarray(self.context_table[-1], jnp.float32),
+                                            jnp.shape(context))
+    return dict(cond, context=null(cond["context"])) if self.inpainting else null(cond)
 
   def logsnr_fn(self, t):
     return self.schedule.logsnr(t)
 
   def x_and_cond(self, batch):
+    if self.inpainting:
+      return batch["latents"], inpainting.condition(batch["context"], batch["mask"],
+                                                    batch["masked_latents"])
     return batch["latents"], batch["context"]
+
+  def inpainting_cond(self, context, images=None, fill_mask=None) -> dict:
+    """The condition of an inpainting family for sampling: ``images`` (``[B, H, W, C]`` of
+    ``image_shape``) to be filled where ``fill_mask`` (``[B, H, W]``) is 1. Without them the
+    whole image is filled: the model generates (a quarter of its training masks are full)."""
+    b = jnp.shape(context)[0]
+    size, _ = self._first_stage_input
+    if images is None:
+      images = jnp.zeros((b,) + tuple(self.image_shape), jnp.float32)
+      fill_mask = jnp.ones((b, size, size), jnp.float32)
+    return inpainting.condition(
+        jnp.asarray(context, jnp.float32), inpainting.latent_mask(fill_mask, self.x_shape[0]),
+        self.encode_images(images, fill_mask=fill_mask))
 
   def cond_from_labels(self, labels):
     """Contexts of class labels (the rows of ``context_table``; the null class is its last)."""
@@ -139,8 +163,10 @@ class LatentFamily:
   def decode(self, x):
     return self.models.decode_latents(x)
 
-  def encode_images(self, images):
-    """NHWC images in [−1, 1] at any size → scaled latents of ``x_shape``."""
+  def encode_images(self, images, *, fill_mask=None):
+    """NHWC images in [−1, 1] at any size → scaled latents of ``x_shape``; with a ``fill_mask``
+    (``[B, S, S]`` at the first stage's size ``S``, 1 = fill), of the masked images
+    (``inpainting.masked_image``)."""
     size, channels = self._first_stage_input
     images = jnp.asarray(images, jnp.float32)
     b, _, _, c = images.shape
@@ -150,6 +176,8 @@ class LatentFamily:
     images = jax.image.resize(images, (b, size, size, c), method="bilinear")
     if c != channels:  # grayscale data for an RGB autoencoder
       images = jnp.repeat(images, channels // c, axis=-1)
+    if fill_mask is not None:
+      images = inpainting.masked_image(images, fill_mask)
     return self.models.encode_image(images)
 
   @property
@@ -164,10 +192,12 @@ class LatentFamily:
     fs = self.models._first_stage()  # pylint: disable=protected-access
     return int(fs.sample_size), int(fs.in_channels)
 
-  def prepare_batches(self, batches):
+  def prepare_batches(self, batches, *, seed: int = 0):
     """``{"image", "label" or "caption"}`` batches → ``{"latents", "context"}`` (see the module
-    docstring); captions go through the text encoder."""
-    def encode(batch):
+    docstring); captions go through the text encoder. An inpainting family adds each example's
+    training mask (``mask``, at latent resolution) and ``masked_latents``, drawn from ``seed``,
+    the step and the example's row in the global batch (``inpainting.draw_mask``)."""
+    def encode(step, batch):
       if "latents" in batch:  # read from the latent cache (distill/latent/cache.py)
         context = batch["context"] if "context" in batch else self.context_table[
             np.asarray(batch["label"])]
@@ -177,8 +207,18 @@ class LatentFamily:
         context = np.asarray(self.cond_from_prompts([str(c) for c in batch["caption"]]))
       else:
         context = self.context_table[np.asarray(batch["label"])]
-      return {"latents": latents, "context": context}
-    return batches.map(encode)
+      out = {"latents": latents, "context": context}
+      if self.inpainting:
+        b = len(latents)
+        first = jax.process_index() * b  # this process's rows of the global batch
+        size, _ = self._first_stage_input
+        fill = np.stack([inpainting.draw_mask(inpainting.mask_rng(seed, step, first + i), size)
+                         for i in range(b)])
+        out["mask"] = np.asarray(inpainting.latent_mask(fill, self.x_shape[0]), np.float32)
+        out["masked_latents"] = np.asarray(
+            self.encode_images(batch["image"], fill_mask=fill), np.float32)
+      return out
+    return batches.map_with_index(encode)
 
 
 def _context_table(models: pretrained.LatentModels, *, conditioning: str, prompt_template: str,
@@ -266,11 +306,17 @@ def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple
                          class_names=class_names, num_classes=num_classes,
                          shapes_only=shapes_only)
   probe = _shape_probe(models)
-  fam = LatentFamily(models=models, teacher=models.unet, student=student,
-                     x_shape=tuple(probe.shape[1:]),
-                     teacher_prediction="v_prediction" if v_teacher else models.prediction_type,
-                     conditioning=conditioning, context_table=table)
-  return fam
+  channels = int(probe.shape[-1])
+  if cfg.in_channels not in (channels, 2 * channels + 1):
+    raise ValueError(f"{path}/unet has in_channels={cfg.in_channels}, but the first stage's "
+                     f"latents have {channels} channels: expected {channels} (a text-to-image "
+                     f"U-Net) or {2 * channels + 1} (an inpainting one: latents, mask, masked "
+                     "image).")
+  return LatentFamily(models=models, teacher=models.unet, student=student,
+                      x_shape=tuple(probe.shape[1:]),
+                      teacher_prediction="v_prediction" if v_teacher else models.prediction_type,
+                      conditioning=conditioning, context_table=table,
+                      inpainting=cfg.in_channels == 2 * channels + 1)
 
 
 def _shape_probe(models):

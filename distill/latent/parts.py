@@ -79,10 +79,12 @@ def clip_configs(config, vocab_size: int) -> tuple[clip.CLIPVisionConfig, clip.C
 
 
 def unet_config(config) -> unet.UNetConfig:
-  """``latent.unet`` (diffusers' field names) with the autoencoder's latent channels and the
-  CLIP text width as its cross-attention width."""
+  """``latent.unet`` (diffusers' field names) with the autoencoder's latent channels (their
+  ``2·C + 1`` inputs with ``latent.inpainting``) and the CLIP text width as its
+  cross-attention width."""
   fields = dict(config.latent.unet.to_dict())
-  fields.update(in_channels=int(config.autoencoder.model.latent_channels),
+  channels = int(config.autoencoder.model.latent_channels)
+  fields.update(in_channels=2 * channels + 1 if config.latent.get("inpainting") else channels,
                 out_channels=int(config.autoencoder.model.latent_channels),
                 cross_attention_dim=int(config.clip.text.hidden_size),
                 sample_size=int(config.data.image_size) // 2 ** (
@@ -318,7 +320,8 @@ def assemble(config, workdir, unet_rng) -> epath.Path:
 
   def fill(folder):
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+        "_class_name": ("StableDiffusionInpaintPipeline" if config.latent.get("inpainting")
+                        else "StableDiffusionPipeline"), "requires_safety_checker": False,
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers",
                                                                       "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],

@@ -1,0 +1,179 @@
+"""The 9-channel inpainting U-Net (paper §4.2.4; ``distill/latent/inpainting.py``) through the
+latent family, the training masks, the chain and the sampler.
+
+The teacher is the tiny SD-like fixture with its U-Net widened to SD-inpainting's 9 input
+channels (latents, mask, masked image's latents), the extra input weights random so that the
+condition's parts move the output: random weights check the wiring, not quality.
+"""
+
+import json
+import shutil
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill import layout, pipeline, sample
+from distill.config_utils import load_config
+from distill.latent import export, inpainting, pretrained
+from distill.latent import family as latent_family
+
+from test_latent_pipeline import REPO
+
+TINY_SD = REPO / "tests" / "fixtures" / "latent" / "tiny-sd"
+
+
+def _widened_folder(root, in_channels: int):
+  """tiny-sd with its U-Net's input convolution widened to ``in_channels`` (the first 4 inputs
+  keep their weights, as SD-inpainting was initialised from SD)."""
+  folder = root / f"tiny-sd-{in_channels}"
+  shutil.copytree(TINY_SD, folder)
+  net, params = pretrained.load_unet(TINY_SD / "unet")
+  kernel = np.asarray(params["conv_in"]["kernel"])
+  extra = np.random.default_rng(0).normal(0.0, 0.2, kernel.shape[:2] + (in_channels - 4,
+                                                                       kernel.shape[3]))
+  params = dict(params, conv_in=dict(params["conv_in"], kernel=np.concatenate(
+      [kernel, extra.astype(np.float32)], axis=2)))
+  cfg = net.config.__class__(**{**net.config.__dict__, "in_channels": in_channels})
+  shutil.rmtree(folder / "unet")
+  export.write_model(folder / "unet", export.unet_config(cfg), params)
+  # Read as a v-prediction teacher, so that the chain needs no ε→v link (random weights either
+  # way).
+  scheduler = folder / "scheduler" / "scheduler_config.json"
+  scheduler.write_text(json.dumps(dict(json.loads(scheduler.read_text()),
+                                       prediction_type="v_prediction")))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return _widened_folder(tmp_path_factory.mktemp("inpaint"), 9)
+
+
+def _config(folder):
+  config = load_config("sd15:runlocal")
+  config.teacher.pretrained = str(folder)
+  config.num_devices = 1
+  config.teacher_v.num_train_steps = 0  # no ε→v link: the chain is stage one and the halvings
+  return config
+
+
+def test_the_family_feeds_latents_mask_and_masked_image_in_that_order(folder, tmp_path):
+  fam = latent_family.from_config(_config(folder))
+  assert fam.inpainting and fam.x_shape[-1] == 4
+  rng = np.random.default_rng(1)
+  b, (h, w, c) = 2, fam.x_shape
+  z = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32)
+  t = jnp.asarray([0.3, 0.8])
+  context = jnp.asarray(fam.context_table[[3, 5]])
+  mask = jnp.asarray(rng.random((b, h, w, 1)) < 0.5, jnp.float32)
+  masked = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32)
+  cond = inpainting.condition(context, mask, masked)
+  params = fam.models.unet_params
+  got = fam.v_hat(fam.teacher, params, z, t, cond)
+  # SD-inpainting's input: [noisy latents, mask, masked image latents] along channels.
+  assert fam.teacher_prediction == "v_prediction"
+  want = fam.teacher.apply({"params": params}, jnp.concatenate([z, mask, masked], -1),
+                           fam.schedule.timestep(t), context)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  swapped = fam.v_hat(fam.teacher, params, z, t, inpainting.condition(context, mask, masked[::-1]))
+  assert not np.allclose(swapped, got, atol=1e-3)  # the masked latents reach the network
+  # Guidance drops the context only: both branches see the mask and the masked image.
+  null = fam.null_cond(cond)
+  np.testing.assert_array_equal(null["mask"], mask)
+  np.testing.assert_array_equal(null["masked"], masked)
+  np.testing.assert_array_equal(null["context"][0], fam.context_table[-1])
+  # Any other width is refused in one line.
+  odd = _widened_folder(tmp_path, 5)
+  with pytest.raises(ValueError, match=r"in_channels=5, but the first stage's latents have 4 "
+                                       r"channels: expected 4 .* or 9"):
+    latent_family.from_config(_config(odd))
+
+
+def test_training_masks():
+  size, draws = 32, 2000
+  masks = np.stack([inpainting.draw_mask(inpainting.mask_rng(7, 0, i), size)
+                    for i in range(draws)])
+  assert set(np.unique(masks)) <= {0.0, 1.0}
+  full = masks.reshape(draws, -1).min(axis=1) == 1.0
+  share = full.mean()  # binomial(2000, 0.25): standard deviation 0.0097
+  assert abs(share - inpainting.FULL_MASK_SHARE) < 4 * 0.0097, share
+  partial = masks[~full].reshape(-1, size * size).mean(axis=1)
+  assert partial.min() >= (size // 8) ** 2 / size ** 2 and partial.max() < 1.0
+  # A function of (seed, step, row): the same triple gives the same mask, another row another.
+  again = inpainting.draw_mask(inpainting.mask_rng(7, 0, 5), size)
+  np.testing.assert_array_equal(again, masks[5])
+  assert not all(np.array_equal(masks[5], m) for m in masks[6:10])
+  # Latent resolution: cell (i, j) takes pixel (4i, 4j) of a 32 → 8 mask, as torch's nearest
+  # interpolation does.
+  fill = masks[:3]
+  small = np.asarray(inpainting.latent_mask(fill, 8))
+  for i in range(8):
+    for j in range(8):
+      np.testing.assert_array_equal(small[:, i, j, 0], fill[:, 4 * i, 4 * j])
+  images = np.random.default_rng(0).uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
+  out = np.asarray(inpainting.masked_image(images, fill))
+  np.testing.assert_array_equal(out[fill == 1], 0.0)
+  np.testing.assert_array_equal(out[fill == 0], images[fill == 0])
+
+
+def test_batches_carry_masks_drawn_by_global_row(folder, monkeypatch):
+  fam = latent_family.from_config(_config(folder))
+  rng = np.random.default_rng(2)
+  images = rng.uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+  labels = np.arange(4, dtype=np.int32)
+  whole = grain.MapDataset.source([{"image": images, "label": labels}] * 3)
+  step = 2
+  batch = fam.prepare_batches(whole, seed=11)[step]
+  size = fam.image_shape[0]
+  fills = np.stack([inpainting.draw_mask(inpainting.mask_rng(11, step, row), size)
+                    for row in range(4)])
+  np.testing.assert_allclose(batch["masked_latents"], fam.encode_images(images, fill_mask=fills),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(batch["mask"], inpainting.latent_mask(fills, fam.x_shape[0]))
+  np.testing.assert_allclose(batch["latents"], fam.encode_images(images), rtol=1e-6, atol=1e-6)
+  # Process 1 of 2 holds rows 2 and 3 of the global batch: their masks.
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  half = grain.MapDataset.source([{"image": images[2:], "label": labels[2:]}] * 3)
+  second = fam.prepare_batches(half, seed=11)[step]
+  np.testing.assert_array_equal(second["mask"], batch["mask"][2:])
+  np.testing.assert_allclose(second["masked_latents"], batch["masked_latents"][2:], atol=1e-6)
+
+
+def test_the_chain_distils_it_and_the_student_inpaints_from_its_condition(folder, tmp_path):
+  config = _config(folder)
+  config.stages = "stage_one,stage_two"
+  config.stage_one.num_train_steps = 2
+  config.stage_two.train_steps_per_halving = 2
+  config.stage_two.start_num_steps = 2  # one halving, 2 -> 1
+  for name in ("stage_one", "stage_two"):
+    config[name].sample_every = 0
+  pipeline.run(config, tmp_path)
+  assert layout.available_students(tmp_path) == [1]
+  student = sample.load_model(tmp_path, "student", num_steps=1, config=config)
+  fam = student.family
+  assert fam.inpainting and "conv_in" in student.params
+  assert student.params["conv_in"]["kernel"].shape[2] == 9
+  size = fam.image_shape[0]
+  source = np.random.default_rng(3).uniform(-1, 1, (size, size, fam.image_shape[2]))
+  fill = np.zeros((size, size), np.float32)
+  fill[: size // 2] = 1.0  # fill the top half
+  args = dict(sampler="deterministic", num_steps=None, labels=[3, 3], w=[0.0, 2.0], seed=0,
+              source=source.astype(np.float32), fill_mask=fill)
+  x = sample.generate(student, **args)
+  assert x.shape == (2,) + tuple(fam.image_shape) and np.isfinite(x).all()
+  # Not inpainting by replacement: the kept half is the network's decoding, not the source's
+  # pixels.
+  assert not np.allclose(x[:, size // 2:], source[size // 2:], atol=1e-3)
+  # The masked source is part of the condition: another source in the kept half, another sample.
+  other = source.copy()
+  other[size // 2:] *= -1.0
+  y = sample.generate(student, **dict(args, source=other.astype(np.float32)))
+  assert not np.allclose(x, y, atol=1e-4)
+  # Without a mask the whole image is filled: a generation, as with a full mask over any source.
+  plain = sample.generate(student, **dict(args, source=None, fill_mask=None))
+  full = sample.generate(student, **dict(args, fill_mask=np.ones_like(fill)))
+  np.testing.assert_allclose(plain, full, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(plain, x, atol=1e-4)
