@@ -12,10 +12,14 @@ The sources are the held-out images (up to ``eval.num_samples``), each with its 
   (the report's features), the CLIP score to the target caption with the evaluator CLIP (for
   classes: the share classified as the target), and the RMS distance to the source in [−1, 1].
   The unedited sources are the first row.
-- **Inpainting** (by replacement): the centre square (``--mask_fraction`` of the side) is filled
-  for the source's own condition from ``t0 = 1``. Measured: FID, the CLIP score to the own caption
-  (or the share classified as the own class), the largest change in the kept region (0: the
-  source's pixels are kept), and the RMS distance to the source in the filled square.
+- **Inpainting**: the centre square (``--mask_fraction`` of the side) is filled for the source's
+  own condition from ``t0 = 1``: by replacement, or, for a 9-channel inpainting U-Net
+  (``configs/emoji.py:inpaint``), through its condition (mask and masked image). Measured: FID,
+  the CLIP score to the own caption (or the share classified as the own class), the largest
+  change and the RMS change in the kept region (by replacement 0: the source's pixels are kept),
+  and the RMS distance to the source in the filled square. For a latent model the autoencoder's
+  own reconstruction error in the kept region (decode(encode(source))) is the reference of the
+  inpainting U-Net's.
 
 Every method of a task starts from the same noise per example; ``editing.json`` also has each
 method's seconds. Writes ``editing.json``,
@@ -113,6 +117,12 @@ def main(argv=None) -> dict:
   models = [(f"student {k}", sample.load_model(workdir, "student", num_steps=k, config=config))
             for k in students]
   results = {"img2img": [], "inpaint": []}
+  mechanism = ("the inpainting U-Net's condition" if getattr(fam, "inpainting", False)
+               else "replacement")
+  if fam.name == "latent":  # the first stage's own error in the kept region
+    recon = np.concatenate([np.asarray(fam.decode(fam.encode_images(x_src[i:i + 100])))
+                            for i in range(0, n, 100)])
+    results["autoencoder_rms_kept"] = float(np.sqrt(np.mean((recon - x_src)[:, mask == 0] ** 2)))
   shown = {}
   # The teacher starts where the first student does (its grid point nearest the strength).
   _, t_start = editing.start_on_grid(args.strength, students[0])
@@ -133,6 +143,7 @@ def main(argv=None) -> dict:
     results["inpaint"].append(dict(
         method=name, steps=sample.sampler_steps(loaded, "deterministic", steps),
         kept_max_change=float(np.abs(x - x_src)[:, kept].max()),
+        rms_kept=float(np.sqrt(np.mean((x - x_src)[:, kept] ** 2))),
         rms_filled=float(np.sqrt(np.mean((x - x_src)[:, ~kept] ** 2))),
         seconds=round(seconds, 1), **scores(x, conds)))
     return x
@@ -163,17 +174,21 @@ def main(argv=None) -> dict:
     lines.append(f"| {r['method']} | {r['steps']} | {t0} | {r['fid']:.2f} | {r[score]:.3f} | "
                  f"{r['rms_to_source']:.3f} |")
   lines += ["", f"Inpainting of the centre {args.mask_fraction:g} x {args.mask_fraction:g} "
-            "square for the source's own condition:", "",
-            f"| method | steps | FID | {score_name} own | largest change kept | "
-            "RMS filled to source |", "|---|---|---|---|---|---|"]
+            f"square for the source's own condition, by {mechanism}:", "",
+            f"| method | steps | FID | {score_name} own | largest change kept | RMS kept | "
+            "RMS filled to source |", "|---|---|---|---|---|---|---|"]
   for r in results["inpaint"]:
     lines.append(f"| {r['method']} | {r['steps']} | {r['fid']:.2f} | {r[score]:.3f} | "
-                 f"{r['kept_max_change']:.2g} | {r['rms_filled']:.3f} |")
+                 f"{r['kept_max_change']:.2g} | {r['rms_kept']:.3f} | {r['rms_filled']:.3f} |")
+  if "autoencoder_rms_kept" in results:
+    lines += ["", "The autoencoder's reconstruction of the sources: RMS "
+              f"{results['autoencoder_rms_kept']:.3f} in the kept region."]
   table = "\n".join(lines) + "\n"
   (out / "editing.md").write_text(table)
   (out / "editing.json").write_text(json.dumps(dict(
       results, w=w, strength=args.strength, num_sources=n, teacher_steps=args.teacher_steps,
-      mask_fraction=args.mask_fraction, features=info["features"]), indent=1) + "\n")
+      mask_fraction=args.mask_fraction, features=info["features"], mechanism=mechanism),
+      indent=1) + "\n")
   masked = x_src[:8] * (1.0 - mask[None, ..., None])
   rows = [x_src[:8], shown["img2img"][0], shown["img2img"][-1], masked, shown["inpaint"][0],
           shown["inpaint"][-1]]

