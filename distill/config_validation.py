@@ -153,9 +153,16 @@ def check_latent(config, stages) -> None:
   if layout.trains_parts(config):
     check_parts(config)
     kind = "epsilon"
+    inpainting = bool(config.latent.get("inpainting"))
   else:
     latent_family.check_folder(config.teacher.get("pretrained"), config.latent.conditioning)
     kind = latent_family.folder_prediction_type(config.teacher.pretrained)
+    inpainting = latent_family.folder_is_inpainting(config.teacher.pretrained)
+  if inpainting and config.latent.get("cache"):
+    where = config.teacher.pretrained or "latent.inpainting=True"
+    raise ValueError(f"latent.cache=True: the inpainting teacher ({where}) is trained on a mask "
+                     "drawn per example and step, whose masked images the cache does not hold; "
+                     "set --config.latent.cache=False.")
   if kind != "v_prediction" and not layout.has_teacher_v(config):
     raise ValueError(f"teacher.pretrained={config.teacher.pretrained} predicts {kind!r}, and the "
                      "student predicts v, starting from its teacher: keep the ε→v fine-tuning "

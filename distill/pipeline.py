@@ -197,10 +197,6 @@ def run(config, workdir) -> None:
                                       or "eval" in stages):
     config = _teacher_from_parts(config, workdir)
 
-  if latent_cache.is_enabled(config) and getattr(family.of(config), "inpainting", False):
-    raise ValueError(f"latent.cache=True: the inpainting teacher in {config.teacher.pretrained} "
-                     "is trained on a mask drawn per example and step, whose masked images the "
-                     "cache does not hold; set --config.latent.cache=False.")
   if trained and latent_cache.is_enabled(config) and not record.is_complete("latent_cache"):
     start = time.time()
     latent_cache.build(config, workdir, family.of(config))

@@ -194,3 +194,8 @@ def test_the_emoji_variant_and_the_cache(folder, tmp_path):
   with pytest.raises(ValueError, match=r"latent\.cache=True: the inpainting teacher .* set "
                                        r"--config\.latent\.cache=False\.$"):
     pipeline.run(config, tmp_path)
+  assert not any(tmp_path.iterdir())  # refused before anything ran or was written
+  config = load_config("emoji:inpaint")
+  config.latent.cache = True
+  with pytest.raises(ValueError, match=r"\(latent\.inpainting=True\) is trained on a mask"):
+    pipeline.run(config, tmp_path)

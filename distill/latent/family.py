@@ -271,6 +271,16 @@ def check_folder(path, conditioning: str) -> None:
     raise ValueError(f"teacher.pretrained={path}: no vae/ or vqvae/ first stage.")
 
 
+def folder_is_inpainting(path) -> bool:
+  """Whether the folder's U-Net takes ``2·C + 1`` input channels for its first stage's ``C``
+  (an inpainting U-Net, ``distill/latent/inpainting.py``); read from the config files alone."""
+  folder = epath.Path(path)
+  unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+  first = folder / ("vae" if (folder / "vae").is_dir() else "vqvae")
+  latent = int(json.loads((first / "config.json").read_text()).get("latent_channels", 4))
+  return int(unet_cfg.get("in_channels", 4)) == 2 * latent + 1
+
+
 def folder_prediction_type(path) -> str:
   """What the folder's U-Net predicts (its ``scheduler_config.json``; diffusers' default ε)."""
   sched = epath.Path(path) / "scheduler" / "scheduler_config.json"
