@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
   models = [(f"student {k}", sample.load_model(workdir, "student", num_steps=k, config=config))
             for k in students]
   results = {"img2img": [], "inpaint": []}
-  mechanism = ("the inpainting U-Net's condition" if getattr(fam, "inpainting", False)
+  mechanism = ("the inpainting U-Net's condition" if fam.inpainting
                else "replacement")
   if fam.name == "latent":  # the first stage's own error in the kept region
     recon = np.concatenate([np.asarray(fam.decode(fam.encode_images(x_src[i:i + 100])))

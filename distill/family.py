@@ -41,6 +41,7 @@ class DenoiserFamily(Protocol):
   name: str
   teacher: Any
   x_shape: tuple[int, ...]
+  inpainting: bool  # cond carries a mask and a masked image (distill/latent/inpainting.py)
 
   def student_net(self, dropout: float = 0.0) -> Any: ...
   def init_teacher(self, rng) -> Any: ...
@@ -67,6 +68,7 @@ class PixelFamily:
   teacher: models.UNet
   student: models.UNet  # with the w-embedding, dropout 0 (sampling)
   x_shape: tuple[int, ...]
+  inpainting: bool = False
   name: str = "pixel"
 
   @classmethod

@@ -219,10 +219,12 @@ def edit_start(loaded: LoadedModel, sampler: str, num_steps: int | None,
   return steps, editing.check_strength(strength)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _noise(base, indices, shape):
-  """``z_1`` of examples ``indices``: example ``j`` gets ``normal(fold_in(base, j))``."""
-  return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(base, j), shape))(indices)
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _noise(base, indices, shape, sharding):
+  """``z_1`` of examples ``indices``: example ``j`` gets ``normal(fold_in(base, j))``, drawn
+  where ``sharding`` (the batch split over the mesh) places it."""
+  z = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(base, j), shape))(indices)
+  return jax.lax.with_sharding_constraint(z, sharding)
 
 
 def generate(loaded: LoadedModel, **kwargs) -> np.ndarray:
@@ -293,7 +295,7 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
       fill_mask = np.broadcast_to(fill_mask, (count,) + tuple(fam.image_shape)[:2])
     # An inpainting U-Net at t0 = 1 starts from pure noise, as diffusers' pipeline does: the
     # source reaches it through the condition only.
-    if not (getattr(fam, "inpainting", False) and t_start >= 1.0):
+    if not (fam.inpainting and t_start >= 1.0):
       edit = {"t_start": jnp.float32(t_start)}
   if source is not None:
     image = tuple(fam.image_shape)
@@ -302,10 +304,9 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
     if source.shape != (count,) + image:
       raise ValueError(f"the source images have shape {source.shape}; the model's images are "
                        f"{image}: pass one, or one per example ({count}).")
-  inpainting_unet = getattr(fam, "inpainting", False)
-  if inpainting_unet:  # the mask and the masked image are part of the condition
+  if fam.inpainting:  # the mask and the masked image are part of the condition
     conds = _inpainting_conds(fam, conds, source, fill_mask)
-  if encode is not None and getattr(encoder.family, "inpainting", False):
+  if encode is not None and encoder.family.inpainting:
     encode = (encode[0], _inpainting_conds(encoder.family, encode[1], None, None))
   run = make_sampler(loaded, sampler, steps)
   shape = loaded.family.x_shape
@@ -316,8 +317,9 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
   for start in range(0, count, batch_size):
     idx = np.arange(start, min(start + batch_size, count))
     idx_p = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
-    # Every process computes the whole batch's inputs (cheap) and its devices take their rows.
-    inputs = (_noise(base, jnp.asarray(idx_p), shape), conds(idx_p), w[idx_p])
+    # Every process computes the whole batch's conditions (cheap) and its devices take their
+    # rows; the noise is drawn in place.
+    inputs = (_noise(base, idx_p, shape, sharding.batch_sharded(mesh)), conds(idx_p), w[idx_p])
     if encode is not None:  # z_1: each source encoded under its own condition
       encode_run, source_conds = encode
       enc_inputs = (fam.encode_images(source[idx_p]), source_conds(idx_p), inputs[2])
@@ -325,7 +327,7 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
                 ) + inputs[1:]
     if edit is not None:  # each example's source, encoded, and its kept region
       x_source = fam.encode_images(source[idx_p])
-      keep = (None if fill_mask is None or inpainting_unet else
+      keep = (None if fill_mask is None or fam.inpainting else
               editing.keep_at(fill_mask[idx_p], x_source.shape))
       inputs += ({"x": x_source, "keep": keep},)
     inputs = sharding.batch_from_host(mesh, inputs)
@@ -334,7 +336,7 @@ def generate_rows(loaded: LoadedModel, *, sampler: str, num_steps: int | None, l
     positions, x = processes.local_rows(
         run(*inputs[:3], jax.random.fold_in(base, 2**30 + start), *inputs[3:]))
     rows = np.where(positions < len(idx), idx_p[positions], processes.PADDING)
-    if fill_mask is not None and not inpainting_unet:
+    if fill_mask is not None and not fam.inpainting:
       x = np.asarray(editing.composite(x, source[idx_p[positions]], fill_mask[idx_p[positions]]))
     yield rows, x
 

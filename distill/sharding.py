@@ -71,11 +71,12 @@ def global_batch(mesh, local_batch):
 def batch_from_host(mesh, tree):
   """A pytree of whole batches that every process holds alike (numpy or single-device arrays)
   → global arrays split over the batch axes, each device taking its rows (a sampler's inputs).
-  Arrays that already span processes are passed through."""
+  Arrays already split so, or spanning processes, are passed through."""
   target = batch_sharded(mesh)
 
   def place(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    if isinstance(a, jax.Array) and (not a.is_fully_addressable
+                                     or a.sharding.is_equivalent_to(target, a.ndim)):
       return a
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, target, lambda index: a[index])

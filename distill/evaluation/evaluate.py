@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from distill import files, images, input_pipeline, layout, paths, processes, progress, sample
+from distill import (files, images, input_pipeline, layout, paths, processes, progress, sample,
+                     sharding)
 from distill.evaluation import clip_score, features, metrics, report
 from distill.latent import clip_loader
 
@@ -187,6 +188,7 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
   gathered, and process 0 computes the metrics and writes the files."""
   workdir = epath.Path(paths.resolve(workdir))
   out = workdir / "report"
+  mesh = mesh or sharding.make_mesh(1)
   writer = processes.is_writer()
   extract, info = features.make_extractor(config, workdir)
   ref_stats = features.real_stats(config, extract, "train", out)
@@ -249,11 +251,9 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
       info = dict(info, autoencoder=json.loads(autoencoder.read_text()))
     report.write(out, results, config=config, floor=floor, extractor=info)
   if total:
-    mine = sum(d.process_index == jax.process_index() for d in (mesh.devices.flat if mesh
-                                                               else jax.local_devices()[:1]))
     logging.info("eval: process %d/%d drew %d of the %d samples (its %d of %d devices)",
-                 jax.process_index(), jax.process_count(), drawn, total, mine,
-                 mesh.size if mesh else 1)
+                 jax.process_index(), jax.process_count(), drawn, total,
+                 len(mesh.local_devices), mesh.size)
   processes.barrier("eval")  # the report is there when any process returns
   return out
 

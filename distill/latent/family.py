@@ -136,14 +136,18 @@ class LatentFamily:
     """The condition of an inpainting family for sampling: ``images`` (``[B, H, W, C]`` of
     ``image_shape``) to be filled where ``fill_mask`` (``[B, H, W]``) is 1. Without them the
     whole image is filled: the model generates (a quarter of its training masks are full)."""
-    b = jnp.shape(context)[0]
-    size, _ = self._first_stage_input
-    if images is None:
-      images = jnp.zeros((b,) + tuple(self.image_shape), jnp.float32)
-      fill_mask = jnp.ones((b, size, size), jnp.float32)
-    return inpainting.condition(
-        jnp.asarray(context, jnp.float32), inpainting.latent_mask(fill_mask, self.x_shape[0]),
-        self.encode_images(images, fill_mask=fill_mask))
+    context = jnp.asarray(context, jnp.float32)
+    b = context.shape[0]
+    if images is None:  # one blank image encoded, the same for every example
+      size, _ = self._first_stage_input
+      fill = jnp.ones((1, size, size), jnp.float32)
+      return inpainting.condition(
+          context, jnp.broadcast_to(inpainting.latent_mask(fill, self.x_shape[0]),
+                                    (b,) + self.x_shape[:2] + (1,)),
+          jnp.broadcast_to(self.encode_images(jnp.zeros((1,) + tuple(self.image_shape)),
+                                              fill_mask=fill), (b,) + self.x_shape))
+    return inpainting.condition(context, inpainting.latent_mask(fill_mask, self.x_shape[0]),
+                                self.encode_images(images, fill_mask=fill_mask))
 
   def cond_from_labels(self, labels):
     """Contexts of class labels (the rows of ``context_table``; the null class is its last)."""
