@@ -126,6 +126,7 @@ def test_eval_with_inception_on_mock_cifar10(tmp_path, random_inception_weights)
   config = load_config("cifar10:runlocal")
   config.num_devices = 1
   config.stages = "teacher,eval"
+  config.teacher.sample_every = 0  # no progress grid: a sampler compile this test does not read
   config.eval.inception_weights = str(random_inception_weights[0])
   config.eval.update(dict(w_values=(0.0,), seeds=(0,), num_samples=10, teacher_steps=2,
                           ddim_steps=(1,), dpm_solver_steps=(), batch_size=10,

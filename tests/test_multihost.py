@@ -97,10 +97,12 @@ EVAL_SEED = 0  # the fixture's cells of this seed are redrawn: every method, ste
 
 @pytest.fixture(scope="module")
 def eval_runs(tiny_pipeline, tmp_path_factory):
-  """The fixture's workdir copied without its report, and the eval stage run on it by 2
+  """The fixture's workdir copied without its report (but with its digits classifier, the
+  feature extractor: trained again, it would be the same one), and the eval stage run on it by 2
   processes; ``(reference, copy, logs)``."""
   root = tmp_path_factory.mktemp("multihost_eval")
   shutil.copytree(tiny_pipeline, root / "multi", ignore=shutil.ignore_patterns("report"))
+  shutil.copytree(tiny_pipeline / "report" / "classifier", root / "multi" / "report" / "classifier")
   args = _args(root / "multi", "--config.stages=eval", f"--config.eval.seeds={EVAL_SEED},")
   return tiny_pipeline, root / "multi", _run_two_processes(args, root, "eval")
 

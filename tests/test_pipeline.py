@@ -3,8 +3,8 @@
 One uninterrupted run (session fixture) is the reference. A second run, the CLI in subprocesses
 started from another directory with a relative ``--workdir``, is killed with SIGKILL in stage one
 (right after it starts an asynchronous checkpoint save), stopped by SIGTERM in a halving (which
-saves the step it was at), then rerun with the same command: every link's final parameters
-must be bit-identical to the reference. Also: a changed config and a mismatched teacher are
+saves the step it was at), then finished by the same run in the test's process: every link's
+final parameters must be bit-identical to the reference. Also: a changed config and a mismatched teacher are
 refused, a teacher read from ``teacher.checkpoint`` reproduces stage one exactly, and the
 stage-one objective matches its closed form at initialisation.
 """
@@ -100,20 +100,17 @@ def test_tiny_pipeline_runs_every_link(reference):
   assert not _equal(params["stage_two/N=2"], params["stage_two/N=1"])  # each halving trained
 
 
-def _cli(cwd, workdir, *, stop_at=None, stop_how="kill", extra=()):
-  """``python -m distill.main`` started in ``cwd``, with paths relative to it, as a user types."""
-  env = dict(os.environ)
+def _cli(cwd, workdir, *, stop_at, stop_how="kill", extra=()):
+  """``python -m distill.main`` started in ``cwd``, with paths relative to it, as a user types,
+  stopped at ``stop_at`` (DRIVER)."""
   config = os.path.relpath(REPO / "configs" / "digits.py", cwd)
   args = [f"--config={config}:runlocal", f"--workdir={workdir}", "--config.num_devices=-1",
           "--config.stages=teacher,stage_one,stage_two", *extra]
   # No progress grids: they touch neither keys nor parameters, and the reference draws them.
   args += [f"--config.{name}.sample_every=0" for name in ("teacher", "stage_one", "stage_two")]
-  if stop_at:
-    env.update(STOP_AT=stop_at, STOP_HOW=stop_how)
-    cmd = [sys.executable, "-c", DRIVER, *args]
-  else:
-    cmd = [sys.executable, "-m", "distill.main", *args]
-  return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+  env = dict(os.environ, STOP_AT=stop_at, STOP_HOW=stop_how)
+  return subprocess.run([sys.executable, "-c", DRIVER, *args], env=env, cwd=cwd,
+                        capture_output=True, text=True, timeout=900)
 
 
 def _steps(directory):
@@ -149,10 +146,11 @@ def test_pixel_chain_is_the_one_before_the_denoiser_families(reference):
     np.testing.assert_allclose(_digest(params[name]), stored, rtol=0, atol=4e-5, err_msg=name)
 
 
-def test_killed_and_preempted_runs_resume_bit_identically(tmp_path, reference):
+def test_killed_and_preempted_runs_resume_bit_identically(tmp_path, reference, caplog,
+                                                         monkeypatch):
   """From another working directory with a relative --workdir, as README's command: SIGKILL in
   stage one right after a checkpoint save starts, SIGTERM in a halving at a step that is not a
-  checkpoint step (it saves that step and exits 143), then the same command finishes the chain:
+  checkpoint step (it saves that step and exits 143), then the same run finishes the chain:
   every link's parameters equal the uninterrupted run's, bit for bit."""
   cwd = tmp_path / "elsewhere"
   cwd.mkdir()
@@ -167,23 +165,32 @@ def test_killed_and_preempted_runs_resume_bit_identically(tmp_path, reference):
   complete = _steps(workdir / "stage_one" / "checkpoints")
   assert complete in ([], [3]), complete
 
-  preempted = _cli(cwd, "runs/digits", stop_at="stage_two/N=2:4", stop_how="term")
+  # The suite's compilation cache, named relative to where the command runs (its programs are
+  # there already: the run is not slowed by compiles that test nothing).
+  relative = os.path.relpath(os.environ["JAX_COMPILATION_CACHE_DIR"], cwd)
+  preempted = _cli(cwd, "runs/digits", stop_at="stage_two/N=2:4", stop_how="term",
+                   extra=(f"--compilation_cache_dir={relative}",))
   assert preempted.returncode == 143, preempted.stderr[-2000:]
+  resolved = os.path.normpath(os.path.join(os.path.realpath(cwd), relative))
+  assert f"compilation cache: {resolved}\n" in preempted.stderr
   assert ("stage_one: resuming from checkpoint at step 3" in preempted.stderr) == bool(complete)
   assert "stage_two/N=2: preempted (SIGTERM) at step 4" in preempted.stderr
   assert _steps(workdir / "stage_two" / "N=2" / "checkpoints") == [3, 4]  # 3 by the interval
 
-  # The suite's compilation cache, named relative to where the command runs (its programs are
-  # there already: the run is not slowed by compiles that test nothing).
-  relative = os.path.relpath(os.environ["JAX_COMPILATION_CACHE_DIR"], cwd)
-  finished = _cli(cwd, "runs/digits", extra=(f"--compilation_cache_dir={relative}",))
-  assert finished.returncode == 0, finished.stderr[-3000:]
-  resolved = os.path.normpath(os.path.join(os.path.realpath(cwd), relative))
-  assert f"compilation cache: {resolved}\n" in finished.stderr
-  assert "stage_two/N=2: resuming from checkpoint at step 4" in finished.stderr
+  # Finished by the same run in this process, from the same directory with the same relative
+  # workdir (the command line's path to pipeline.run is the two runs above; a third interpreter
+  # would only add its start-up).
+  config = tiny_config()
+  config.stages = "teacher,stage_one,stage_two"
+  for name in ("teacher", "stage_one", "stage_two"):
+    config[name].sample_every = 0
+  monkeypatch.chdir(cwd)
+  with caplog.at_level(logging.INFO):
+    pipeline.run(config, "runs/digits")
+  assert "stage_two/N=2: resuming from checkpoint at step 4" in caplog.text
   # The run's progress: which link of how many, steps/s and the whole run's ETA.
   assert re.search(r"stage_two/N=1 step 6/6: .* steps/s \| link 5/5, run ETA ≈\d+m\d\ds",
-                   finished.stderr), finished.stderr[-3000:]
+                   caplog.text), caplog.text[-3000:]
   resumed, straight = final_params(workdir), final_params(reference)
   for name in straight:
     assert _equal(resumed[name], straight[name]), name
