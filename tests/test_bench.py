@@ -243,6 +243,27 @@ def test_editing_on_the_tiny_pipeline(tiny_pipeline, tmp_path, capsys):
   assert "share classified as target" in capsys.readouterr().out
 
 
+def test_editing_reference_decodes_the_source_latents_where_the_mask_keeps():
+  """The inpainting bench's reference for a latent model (``exact_kept_latents``): the source's
+  latents in every latent cell the mask keeps, the sample's own (re-encoded) in the hole's,
+  which for the centre half-square are the middle cells of the grid."""
+  from distill.latent import family as latent_family  # pylint: disable=import-outside-toplevel
+  from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
+  module = _script("editing")
+  fam = latent_family.from_config(load_config("sd15:runlocal"))
+  rng = np.random.default_rng(0)
+  src, x = rng.uniform(-1, 1, (2, 2, *fam.image_shape)).astype(np.float32)
+  mask = module._centre_mask(fam.image_shape[:2], 0.5)  # pylint: disable=protected-access
+  z_src = module._encode(fam, src)  # pylint: disable=protected-access
+  z = module.exact_kept_latents(fam, x, z_src, mask)
+  h = fam.x_shape[0]
+  hole = np.zeros((h, h), bool)
+  hole[h // 4:h - h // 4, h // 4:h - h // 4] = True
+  np.testing.assert_array_equal(z[:, ~hole], z_src[:, ~hole])
+  np.testing.assert_array_equal(z[:, hole], module._encode(fam, x)[:, hole])  # pylint: disable=protected-access
+  assert not np.allclose(z[:, hole], z_src[:, hole])
+
+
 def test_gpu_check_skips_without_a_gpu_and_runs_quick_here(capsys):
   """The shell wrapper exits 0 with one line on a machine without a GPU; the script itself,
   on the tiny ImageNet 64 config here (stage two only): the compiled step's arguments are the
