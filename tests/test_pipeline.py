@@ -4,9 +4,9 @@ One uninterrupted run (session fixture) is the reference. A second run, the CLI 
 started from another directory with a relative ``--workdir``, is killed with SIGKILL in stage one
 (right after it starts an asynchronous checkpoint save), stopped by SIGTERM in a halving (which
 saves the step it was at), then finished by the same run in the test's process: every link's
-final parameters must be bit-identical to the reference. Also: a changed config and a mismatched teacher are
-refused, a teacher read from ``teacher.checkpoint`` reproduces stage one exactly, and the
-stage-one objective matches its closed form at initialisation.
+final parameters must be bit-identical to the reference. Also: a changed config and a mismatched
+teacher are refused, a teacher read from ``teacher.checkpoint`` reproduces stage one exactly, and
+the stage-one objective matches its closed form at initialisation.
 """
 
 import json
