@@ -57,13 +57,9 @@ def _centre_mask(shape, fraction: float) -> np.ndarray:
   return mask
 
 
-def _encode(fam, x):
-  return np.concatenate([np.asarray(fam.encode_images(x[i:i + 100]))
-                         for i in range(0, len(x), 100)])
-
-
-def _decode(fam, z):
-  return np.concatenate([np.asarray(fam.decode(z[i:i + 100])) for i in range(0, len(z), 100)])
+def _batched(fn, x, size: int = 100) -> np.ndarray:
+  """``fn`` (a family's ``encode_images`` or ``decode``) over ``x`` in batches of ``size``."""
+  return np.concatenate([np.asarray(fn(x[i:i + size])) for i in range(0, len(x), size)])
 
 
 def exact_kept_latents(fam, x, z_src, mask):
@@ -71,7 +67,7 @@ def exact_kept_latents(fam, x, z_src, mask):
   ``z_src`` wherever the latent mask of ``mask`` (``[H, W]``, 1 = fill) keeps them, and ``x``'s
   own, re-encoded, in the hole."""
   hole = np.asarray(inpainting.latent_mask(mask[None], fam.x_shape[0]))  # [1, h, w, 1]
-  return np.where(hole > 0, _encode(fam, x), z_src)
+  return np.where(hole > 0, _batched(fam.encode_images, x), z_src)
 
 
 def main(argv=None) -> dict:
@@ -140,15 +136,15 @@ def main(argv=None) -> dict:
   mechanism = ("the inpainting U-Net's condition" if fam.inpainting
                else "replacement")
   if fam.name == "latent":  # the first stage's own error in the kept region
-    z_src = _encode(fam, x_src)
-    results["autoencoder_rms_kept"] = float(np.sqrt(np.mean((_decode(fam, z_src) - x_src)
+    z_src = _batched(fam.encode_images, x_src)
+    results["autoencoder_rms_kept"] = float(np.sqrt(np.mean((_batched(fam.decode, z_src) - x_src)
                                                             [:, mask == 0] ** 2)))
 
     def exact_kept_latents_rms(x):
       """The kept region's RMS of the sample decoded from ``exact_kept_latents``: the
       autoencoder's error for this sample, with what its decoder carries across the hole's
       edge."""
-      return float(np.sqrt(np.mean((_decode(fam, exact_kept_latents(fam, x, z_src, mask))
+      return float(np.sqrt(np.mean((_batched(fam.decode, exact_kept_latents(fam, x, z_src, mask))
                                     - x_src)[:, mask == 0] ** 2)))
   shown = {}
   # The teacher starts where the first student does (its grid point nearest the strength).
