@@ -1,4 +1,4 @@
-"""Digits-FID of stage-one checkpoints: how well the w-conditioned student learned each w.
+"""FID of stage-one checkpoints: how well the w-conditioned student learned each w.
 
     python bench/stage_one_fid.py --workdir=DIR [--steps=1000,2000,3000] [--w=0,1]
         [--sampling_steps=64] [--reference=DIR_WITH_REPORT] [--config=configs/digits.py]
@@ -7,13 +7,16 @@
 For every checkpoint step given (default: all in ``DIR/stage_one/checkpoints``), samples
 ``eval.num_samples`` class-balanced digits with the deterministic DDIM sampler at
 ``--sampling_steps`` steps (one evaluation each: guidance is distilled) for each w, seed 0, and
-prints digits-FID against the training split. ``--set`` applies config overrides the run was
-trained with that change the model (e.g. ``model.w_fourier_scale``). The classifier and the
-reference statistics are read from (or cached in) ``--reference``/report. ``--teacher`` adds
-the workdir's teacher with guided DDIM at the same step count (two evaluations per step) as the
-yardstick: at w = 0 a perfect stage-one student matches its conditional branch.
-``--teacher_checkpoints`` adds the teacher's EMA parameters at those steps of
-``DIR/teacher/checkpoints`` (guided DDIM at the same step count): does the teacher still improve?
+prints digits-FID against the training split. On caption data (``--config=configs/emoji.py``)
+the samples are of the eval stage's prompts (``evaluate.eval_prompts``), the FID is on the
+evaluator CLIP's image features, and the CLIP score is printed beside it, as in the eval stage's
+report. ``--set`` applies config overrides the run was trained with that change the model
+(e.g. ``model.w_fourier_scale``). The classifier and the reference statistics are read from (or
+cached in) ``--reference``/report. ``--teacher`` adds the workdir's teacher with guided DDIM at
+the same step count (two evaluations per step) as the yardstick: at w = 0 a perfect stage-one
+student matches its conditional branch. ``--teacher_checkpoints`` adds the teacher's EMA
+parameters at those steps of ``DIR/teacher/checkpoints`` (guided DDIM at the same step count):
+does the teacher still improve?
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from distill import checkpoints, family, layout, sample, sharding  # noqa: E402
+from distill import (checkpoints, family, input_pipeline, layout, sample,  # noqa: E402
+                     sharding)
 from distill.config_utils import load_config  # noqa: E402
 from distill.evaluation import evaluate, features  # noqa: E402
+from distill.latent import clip_loader  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
@@ -53,6 +58,8 @@ def main(argv=None) -> list[dict]:
     key, value = item.split("=", 1)
     section, field = key.split(".")
     config[section][field] = type(config[section][field])(value)
+  # A chain that trains its parts (the emoji default) reads them, and its evaluator CLIP, here.
+  config = layout.fill_trained_parts(config, args.workdir)
   reference = args.reference or args.workdir
   extract, _ = features.make_extractor(config, reference)
   ref_stats = features.real_stats(config, extract, "train",
@@ -64,7 +71,10 @@ def main(argv=None) -> list[dict]:
   steps = ([int(s) for s in args.steps.split(",")] if args.steps else
            sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()))
   n = int(config.eval.num_samples)
-  labels = np.arange(n) % config.data.num_classes
+  captioned = input_pipeline.captioned(config.data)
+  prompts = evaluate.eval_prompts(config) if captioned else None
+  labels = None if captioned else np.arange(n) % config.data.num_classes
+  clip = clip_loader.load(config.eval.clip_model) if captioned else None
   rows = []
   models = [(step, None) for step in steps]
   if args.teacher:
@@ -81,17 +91,26 @@ def main(argv=None) -> list[dict]:
       loaded = sample.LoadedModel("stage_one", fam, params, config, None)
     for w in (float(v) for v in args.w.split(",")):
       x = sample.generate(loaded, sampler="deterministic", num_steps=args.sampling_steps,
-                          labels=labels, w=np.full(n, w), seed=0,
+                          labels=labels, prompts=prompts, w=np.full(n, w), seed=0,
                           batch_size=int(config.eval.batch_size))
       result = evaluate.cell_metrics(extract, x, labels, ref_stats, real,
-                                     pr_samples=int(config.eval.pr_samples))
-      rows.append({"step": step, "w": w, "fid": result["fid"]})
+                                     pr_samples=int(config.eval.pr_samples),
+                                     class_accuracy=not captioned, clip=clip, prompts=prompts)
+      rows.append({"step": step, "w": w, "fid": result["fid"],
+                   "clip_score": result["clip_score"]})
   print(f"# python bench/stage_one_fid.py {' '.join(argv)}")
   print(f"# {common.machine_line()}")
-  print(f"| stage-one checkpoint step (or teacher) | w | digits-FID ({args.sampling_steps} DDIM steps, {n} samples) |")
-  print("|---|---|---|")
-  for r in rows:
-    print(f"| {r['step']} | {r['w']:g} | {r['fid']:.3f} |")
+  what = f"{args.sampling_steps} DDIM steps, {n} samples"
+  if captioned:
+    print(f"| stage-one checkpoint step (or teacher) | w | FID ({what}) | CLIP score |")
+    print("|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['step']} | {r['w']:g} | {r['fid']:.3f} | {r['clip_score']:.2f} |")
+  else:
+    print(f"| stage-one checkpoint step (or teacher) | w | digits-FID ({what}) |")
+    print("|---|---|---|")
+    for r in rows:
+      print(f"| {r['step']} | {r['w']:g} | {r['fid']:.3f} |")
   return rows
 
 

@@ -137,6 +137,17 @@ def test_stage_one_fid_on_the_tiny_pipeline(tiny_pipeline, capsys):
   assert "digits-FID" in capsys.readouterr().out
 
 
+def test_stage_one_fid_on_the_emoji_run(emoji_run, capsys):
+  """A smoke run on caption data: the eval stage's prompts, the evaluator CLIP's FID and a CLIP
+  score in its range, for the one checkpoint asked."""
+  _, workdir = emoji_run
+  rows = _script("stage_one_fid").main([f"--workdir={workdir}", "--config=emoji:runlocal",
+                                        "--steps=4", "--w=4", "--sampling_steps=2"])
+  assert [(r["step"], r["w"]) for r in rows] == [(4, 4.0)]
+  assert np.isfinite(rows[0]["fid"]) and 0 <= rows[0]["clip_score"] <= 100
+  assert "| CLIP score |" in capsys.readouterr().out
+
+
 def test_stage_memory_quick(capsys, tmp_path):
   """A smoke run of one stage in its own process: it left its checkpoint, and the RSS is in GiB
   (a unit slip of 2^10 would leave the range). The other stages run the same function."""
