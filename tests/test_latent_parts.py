@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import denoiser, layout, losses, pipeline, sample
+from distill import layout, pipeline, sample
 from distill.config_utils import load_config
 from distill.latent import clip_loader, export, parts, pretrained, vae, weights
 from distill.latent import tokenizer as tokenizer_lib
@@ -260,42 +260,6 @@ def test_the_chain_trains_the_parts_then_the_teacher_from_them(emoji_run):
   before = (workdir / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns
   pipeline.run(config, str(workdir))  # a rerun: everything is complete
   assert (workdir / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns == before
-
-
-def test_the_teacher_is_an_epsilon_model_and_teacher_v_reads_it_as_v(emoji_run, monkeypatch):
-  """The teacher link predicts what its parts folder's scheduler says (ε), when it is sampled
-  (x̂ = (z − σ·ε̂)/α from the network's output, by hand here) and when it trains; teacher_v, which
-  starts from its network, trains it as a v-model (the ε → v fine-tuning of paper §4.2)."""
-  config, workdir = emoji_run
-  loaded = sample.load_model(workdir, "teacher")
-  fam, params = loaded.family, loaded.params
-  folder = pretrained.load_pretrained(workdir / "parts")
-  assert folder.prediction_type == "epsilon"
-  z = jnp.asarray(np.random.default_rng(0).standard_normal((3,) + fam.x_shape), jnp.float32)
-  cond = jnp.asarray(folder.encode_prompt(["red heart", "rocket", ""]))
-  t = jnp.asarray([0.9, 0.5, 0.1])
-  got = denoiser.x_prediction(fam, fam.teacher, params, z, t, cond)
-  eps = fam.teacher.apply({"params": params}, z, fam.schedule.timestep(t), cond)
-  alpha2 = jax.nn.sigmoid(fam.schedule.logsnr(t))[:, None, None, None]
-  want = (z - jnp.sqrt(1 - alpha2) * eps) / jnp.sqrt(alpha2)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-
-  seen = []
-
-  class Stop(Exception):
-    pass
-
-  def objective_of(link_fam, **kwargs):
-    del kwargs
-    seen.append(link_fam.teacher_prediction)
-    raise Stop  # before anything compiles or writes
-  monkeypatch.setattr(losses, "teacher_objective", objective_of)
-  links = {link.name: link for link in layout.chain(config)}
-  filled = layout.fill_trained_parts(config, workdir)
-  for name in ("teacher", "teacher_v"):
-    with pytest.raises(Stop):
-      pipeline.train_link(filled, workdir, links[name], pipeline.make_mesh(config), None)
-  assert seen == ["epsilon", "v_prediction"]
 
 
 def test_the_report_scores_with_the_evaluator_clip(emoji_run):
