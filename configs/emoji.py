@@ -14,8 +14,10 @@ of the captions is held out. The chain (``distill/latent/parts.py`` for its firs
 * ``clip``: a small CLIP trained contrastively on the training pairs, with a BPE tokenizer
   learnt from the training captions; its text tower conditions the teacher, as CLIP's does in
   Stable Diffusion. ``clip_eval``, the same recipe with another seed, is the eval stage's CLIP;
-* ``teacher``: a ``UNet2DConditionModel`` predicting ε on Stable Diffusion's ``scaled_linear``
-  1000-step schedule, with caption dropout to ``""`` (10 %);
+* ``teacher``: a ``UNet2DConditionModel`` on Stable Diffusion's ``scaled_linear`` 1000-step
+  schedule, with caption dropout to ``""`` (10 %). Its folder says ε, but the chain reads this
+  link, as every later one, as v-prediction: a known fault (BENCHMARKS.md, "The emoji teacher
+  reads its network as v");
 * ``teacher_v`` (ε → v), ``stage_one`` for w ∈ [0, 8], the halvings 16 → 1, then ``eval``:
   FID on the evaluator CLIP's image features and the CLIP score of the held-out captions.
 """
