@@ -33,7 +33,7 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 from distill import (checkpoints, family, input_pipeline, layout, sample,  # noqa: E402
                      sharding)
 from distill.config_utils import load_config  # noqa: E402
-from distill.evaluation import evaluate, features  # noqa: E402
+from distill.evaluation import clip_score, evaluate, features  # noqa: E402
 from distill.latent import clip_loader  # noqa: E402
 
 
@@ -75,6 +75,7 @@ def main(argv=None) -> list[dict]:
   prompts = evaluate.eval_prompts(config) if captioned else None
   labels = None if captioned else np.arange(n) % config.data.num_classes
   clip = clip_loader.load(config.eval.clip_model) if captioned else None
+  text = clip_score.text_embeddings(clip, prompts) if captioned else None  # once, for every row
   rows = []
   models = [(step, None) for step in steps]
   if args.teacher:
@@ -93,24 +94,21 @@ def main(argv=None) -> list[dict]:
       x = sample.generate(loaded, sampler="deterministic", num_steps=args.sampling_steps,
                           labels=labels, prompts=prompts, w=np.full(n, w), seed=0,
                           batch_size=int(config.eval.batch_size))
-      result = evaluate.cell_metrics(extract, x, labels, ref_stats, real,
-                                     pr_samples=int(config.eval.pr_samples),
-                                     class_accuracy=not captioned, clip=clip, prompts=prompts)
+      result = evaluate.metrics_of(evaluate.sample_arrays(extract, x, clip=clip), labels,
+                                   ref_stats, real, pr_samples=int(config.eval.pr_samples),
+                                   class_accuracy=not captioned, text_embeddings=text)
       rows.append({"step": step, "w": w, "fid": result["fid"],
                    "clip_score": result["clip_score"]})
   print(f"# python bench/stage_one_fid.py {' '.join(argv)}")
   print(f"# {common.machine_line()}")
-  what = f"{args.sampling_steps} DDIM steps, {n} samples"
-  if captioned:
-    print(f"| stage-one checkpoint step (or teacher) | w | FID ({what}) | CLIP score |")
-    print("|---|---|---|---|")
-    for r in rows:
-      print(f"| {r['step']} | {r['w']:g} | {r['fid']:.3f} | {r['clip_score']:.2f} |")
-  else:
-    print(f"| stage-one checkpoint step (or teacher) | w | digits-FID ({what}) |")
-    print("|---|---|---|")
-    for r in rows:
-      print(f"| {r['step']} | {r['w']:g} | {r['fid']:.3f} |")
+  fid = "FID" if captioned else "digits-FID"
+  score = " CLIP score |" if captioned else ""
+  print(f"| stage-one checkpoint step (or teacher) | w | {fid} ({args.sampling_steps} DDIM steps, "
+        f"{n} samples) |{score}")
+  print("|---|---|---|" + ("---|" if captioned else ""))
+  for r in rows:
+    shown = f" {r['clip_score']:.2f} |" if captioned else ""
+    print(f"| {r['step']} | {r['w']:g} | {r['fid']:.3f} |{shown}")
   return rows
 
 
