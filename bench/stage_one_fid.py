@@ -85,7 +85,8 @@ def main(argv=None) -> list[dict]:
     for step in (int(s) for s in args.teacher_checkpoints.split(",")):
       _, params = checkpoints.read_params(
           pathlib.Path(args.workdir) / "teacher" / "checkpoints" / str(step), teacher_abstract)
-      models.append((f"teacher {step}", sample.LoadedModel("teacher", fam, params, config)))
+      models.append((f"teacher {step}", sample.LoadedModel(
+          "teacher", family.of_link(config, "teacher"), params, config)))
   for step, loaded in models:
     if loaded is None:
       _, params = checkpoints.read_params(directory / str(step), abstract, what="stage one")

@@ -147,12 +147,13 @@ def validate(config, workdir, *, num_devices: int, process_count: int = 1) -> No
 def check_latent(config, stages) -> None:
   """The latent family: an imported teacher folder, no dropout, eval on Inception or CLIP."""
   from distill.latent import family as latent_family  # pylint: disable=import-outside-toplevel
+  from distill.latent import parts  # pylint: disable=import-outside-toplevel
   if config.teacher.checkpoint:
     raise ValueError("teacher.checkpoint is a distill checkpoint of a pixel teacher; a latent "
                      "teacher is imported with --config.teacher.pretrained=FOLDER.")
   if layout.trains_parts(config):
     check_parts(config)
-    kind = "epsilon"
+    kind = parts.teacher_prediction_type(config)
     inpainting = bool(config.latent.get("inpainting"))
   else:
     latent_family.check_folder(config.teacher.get("pretrained"), config.latent.conditioning)
@@ -164,7 +165,9 @@ def check_latent(config, stages) -> None:
                      "drawn per example and step, whose masked images the cache does not hold; "
                      "set --config.latent.cache=False.")
   if kind != "v_prediction" and not layout.has_teacher_v(config):
-    raise ValueError(f"teacher.pretrained={config.teacher.pretrained} predicts {kind!r}, and the "
+    where = (f"teacher.pretrained={config.teacher.pretrained}" if config.teacher.pretrained
+             else "the teacher (latent.scheduler.prediction_type)")
+    raise ValueError(f"{where} predicts {kind!r}, and the "
                      "student predicts v, starting from its teacher: keep the ε→v fine-tuning "
                      "(teacher_v.num_train_steps > 0, paper §4.2).")
   if input_pipeline.captioned(config.data):
@@ -201,6 +204,10 @@ def check_parts(config) -> None:
     raise ValueError(f"the autoencoder and clip links train on image–caption data: data.name="
                      f"{config.data.name!r} must hold captions and latent.conditioning be "
                      "'text'.")
+  kind = parts.teacher_prediction_type(config)
+  if kind not in parts.TRAINED_PREDICTION_TYPES:
+    raise ValueError(f"latent.scheduler.prediction_type={kind!r}: the teacher trained here "
+                     f"predicts one of {list(parts.TRAINED_PREDICTION_TYPES)}.")
   if config.teacher.get("weighting", "eps") not in TEACHER_WEIGHTINGS:
     raise ValueError(f"teacher.weighting={config.teacher.weighting!r}: use one of "
                      f"{list(TEACHER_WEIGHTINGS)}.")

@@ -61,7 +61,7 @@ def teacher_objective(family, *, p_uncond: float, weighting: str = "snr_trunc"):
   * ``snr_plus_one``: ``‖v̂ − v‖²``, the x-space error weighted by ``1 + exp(λ)`` (Stable
     Diffusion 2's v-objective), an option of the ε→v fine-tuning link ``teacher_v``;
   * ``eps``: ``‖ε̂ − ε‖²``, the x-space error weighted by ``exp(λ)`` (Stable Diffusion's
-    ε-objective), for a latent ε-teacher trained here (``configs/emoji.py``).
+    ε-objective), for a latent teacher trained here (``configs/emoji.py``).
   """
   if weighting not in TEACHER_WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r} is not one of {list(TEACHER_WEIGHTINGS)}.")

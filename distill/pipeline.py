@@ -82,14 +82,16 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
   """Trains one link of the chain; ``teacher_params`` are the previous link's (None for it)."""
   section = layout.section_of(config, link)
   key = stage_key(config, link.name)
-  fam = family.of(config)
+  fam = family.of_link(config, link.name)
   items = latent_cache.CachedSource(workdir) if latent_cache.is_enabled(config) else None
   batches = fam.prepare_batches(input_pipeline.train_batches(
       config.data, global_batch_size=section.batch_size, seed=config.seed + link.index,
       items=items), seed=config.seed + link.index)
   if link.name in ("teacher", "teacher_v"):
-    # teacher_v: the imported ε-teacher's network, now read as v (the family's teacher predicts
-    # v when the chain has this link), trained with the teacher's objective (paper §4.2).
+    # teacher: its network read as its folder's scheduler says (ε for SD; latent.scheduler's
+    # prediction_type for a teacher trained here). teacher_v: that network, now read as v (the
+    # family's teacher predicts v when the chain has this link), trained with the teacher's
+    # objective (paper §4.2).
     objective = losses.teacher_objective(fam, p_uncond=section.p_uncond,
                                          weighting=section.get("weighting", "snr_trunc"))
     init = ((lambda: fam.init_teacher(jax.random.fold_in(key, 0))) if teacher_params is None

@@ -74,7 +74,7 @@ def load_model(workdir, kind: str, *, num_steps: int | None = None, config=None,
   else:
     link = links[kind]
   params = layout.read_final_params(config, workdir, link, mesh)
-  return LoadedModel(kind, family.of(config), params, config,
+  return LoadedModel(kind, family.of_link(config, link.name), params, config,
                      num_steps if kind in ("student", ENCODER) else None, mesh)
 
 

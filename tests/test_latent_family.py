@@ -208,6 +208,26 @@ def test_teacher_v_reads_the_network_as_v(fam):
   assert teacher_lib.check_prediction_type(fam_v.teacher_prediction)
 
 
+@pytest.mark.parametrize("name", ["sd15", "ldm_cin256"])
+def test_the_teacher_link_is_read_as_its_folder_says(name):
+  """With a teacher_v link the chain reads the teacher network as v, but the teacher link itself
+  (the imported ε-model, sampled as the report's teacher) is read as ε: x̂ = (z − σ·ε̂)/α from the
+  network's raw output, by hand here."""
+  config = _config(name)
+  fam_v, fam_t = family.of(config), family.of_link(config, "teacher")
+  assert fam_v.teacher_prediction == "v_prediction"
+  assert family.of_link(config, "teacher_v") is fam_v
+  assert fam_t.teacher_prediction == "epsilon"
+  z, cond = _batch(fam_t, 2)
+  t = jnp.asarray([0.8, 0.3])
+  params = fam_t.models.unet_params
+  eps = fam_t.teacher.apply({"params": params}, z, fam_t.schedule.timestep(t), cond)
+  alpha2 = jax.nn.sigmoid(fam_t.schedule.logsnr(t))[:, None, None, None]
+  want = (z - jnp.sqrt(1 - alpha2) * eps) / jnp.sqrt(alpha2)
+  got = denoiser.x_prediction(fam_t, fam_t.teacher, params, z, t, cond)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
 def test_prepare_batches_encodes_resized_images(fam):
   from distill import input_pipeline  # pylint: disable=import-outside-toplevel
   config = _config("sd15" if fam.conditioning == "text" else "ldm_cin256")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import layout, pipeline, sample
+from distill import config_validation, denoiser, layout, losses, pipeline, sample
 from distill.config_utils import load_config
 from distill.latent import clip_loader, export, parts, pretrained, vae, weights
 from distill.latent import tokenizer as tokenizer_lib
@@ -241,8 +241,9 @@ def test_the_chain_trains_the_parts_then_the_teacher_from_them(emoji_run):
                              atol=1e-5)
   np.testing.assert_allclose(cached[7]["context"],
                              folder.encode_prompt([train[7]["caption"]])[0], atol=1e-5)
-  # The teacher: an ε-model on the scaled_linear schedule, trained from parts/unet.
-  assert folder.prediction_type == "epsilon"
+  # The teacher: a v-model (latent.scheduler.prediction_type) on the scaled_linear schedule,
+  # trained from parts/unet.
+  assert folder.prediction_type == "v_prediction"
   assert layout.workdir_config(workdir).teacher.pretrained == str(workdir / "parts")
   teacher = final("teacher")
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), teacher, folder.unet_params)
@@ -260,6 +261,72 @@ def test_the_chain_trains_the_parts_then_the_teacher_from_them(emoji_run):
   before = (workdir / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns
   pipeline.run(config, str(workdir))  # a rerun: everything is complete
   assert (workdir / "parts" / "unet" / export.DIFFUSERS_FILE).stat().st_mtime_ns == before
+
+
+def _x_by_hand(fam, params, z, t, cond, prediction_type):
+  """x̂ from the teacher network's raw output, read as ``prediction_type`` (float32 algebra)."""
+  out = fam.teacher.apply({"params": params}, z, fam.schedule.timestep(t), cond)
+  alpha2 = jax.nn.sigmoid(fam.schedule.logsnr(t))[:, None, None, None]
+  alpha, sigma = jnp.sqrt(alpha2), jnp.sqrt(1 - alpha2)
+  if prediction_type == "epsilon":
+    return (z - sigma * out) / alpha
+  return alpha * z - sigma * out  # v = α·ε − σ·x
+
+
+def _with_prediction_type(folder, out, prediction_type):
+  """A copy of the diffusers-layout ``folder`` whose scheduler says ``prediction_type``."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(folder, out)
+  path = out / "scheduler" / "scheduler_config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": prediction_type}))
+  return out
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_the_teacher_predicts_what_its_folder_says_and_teacher_v_reads_v(
+    emoji_run, tmp_path, monkeypatch, prediction_type):
+  """The teacher link predicts what its parts folder's scheduler says when it is sampled (x̂ from
+  the network's raw output, by hand here) and when it trains: v for the emoji default
+  (latent.scheduler.prediction_type), ε for its ``epsilon`` variant (the folder rewritten here).
+  teacher_v, which starts from its network, always trains it as a v-model (paper §4.2)."""
+  config, workdir = emoji_run
+  assert pretrained.load_pretrained(workdir / "parts").prediction_type == "v_prediction"
+  filled = layout.fill_trained_parts(config, workdir)
+  filled.teacher.pretrained = str(_with_prediction_type(workdir / "parts", tmp_path / "parts",
+                                                        prediction_type))
+  loaded = sample.load_model(workdir, "teacher", config=filled)
+  fam, params = loaded.family, loaded.params
+  folder = pretrained.load_pretrained(filled.teacher.pretrained)
+  z = jnp.asarray(np.random.default_rng(0).standard_normal((3,) + fam.x_shape), jnp.float32)
+  cond = jnp.asarray(folder.encode_prompt(["red heart", "rocket", ""]))
+  t = jnp.asarray([0.9, 0.5, 0.1])
+  got = denoiser.x_prediction(fam, fam.teacher, params, z, t, cond)
+  want = _x_by_hand(fam, params, z, t, cond, prediction_type)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def objective_of(link_fam, **kwargs):
+    del kwargs
+    seen.append(link_fam.teacher_prediction)
+    raise Stop  # before anything compiles or writes
+  monkeypatch.setattr(losses, "teacher_objective", objective_of)
+  links = {link.name: link for link in layout.chain(config)}
+  for name in ("teacher", "teacher_v"):
+    with pytest.raises(Stop):
+      pipeline.train_link(filled, workdir, links[name], pipeline.make_mesh(config), None)
+  assert seen == [prediction_type, "v_prediction"]
+
+
+def test_a_teacher_trained_here_predicts_epsilon_or_v():
+  config = load_config(f"{EMOJI},epsilon")
+  assert parts.scheduler_config(config)["prediction_type"] == "epsilon"
+  config.latent.scheduler.prediction_type = "sample"
+  with pytest.raises(ValueError, match=r"latent.scheduler.prediction_type='sample'"):
+    config_validation.check_parts(config)
 
 
 def test_the_report_scores_with_the_evaluator_clip(emoji_run):

@@ -9,8 +9,9 @@ of ``distill/family.py``.
   the teacher's conditional model for every w (paper §3.1). An exported student therefore stays
   loadable by diffusers. Our w is diffusers' ``guidance_scale − 1``.
 * **Prediction.** ``v_hat`` turns the network's output into v: the teacher predicts what its
-  scheduler says (``epsilon``, or ``v_prediction`` after the ``teacher_v`` link), the student
-  always predicts v. The network is fed the discrete timestep ``schedule.timestep(t)``.
+  scheduler says (``epsilon``, or ``v_prediction`` after the ``teacher_v`` link: the ``teacher``
+  link itself is read through ``as_folder_teacher``, ``family.of_link``), the student always
+  predicts v. The network is fed the discrete timestep ``schedule.timestep(t)``.
 * **Schedule.** The folder's ``DiscreteSchedule``; ``logsnr_fn = schedule.logsnr``.
 * **Condition.** ``cond`` is the cross-attention context ``[B, L, D]``: a class embedder's row
   (class-conditional LDM, the null class is its last row) or the text encoder's context (SD, the
@@ -342,6 +343,17 @@ def _shape_probe(models):
         {"params": p}, x, method=vae.AutoencoderKL.encode)[0], models.vae_params, images)
   return jax.eval_shape(lambda p, x: models.vqvae.apply(
       {"params": p}, x, method=vae.VQModel.encode), models.vqvae_params, images)
+
+
+@functools.lru_cache(maxsize=8)
+def as_folder_teacher(fam: LatentFamily) -> LatentFamily:
+  """``fam`` with its teacher network read as its folder's scheduler says (``prediction_type``),
+  whether or not the chain fine-tunes it to v: the ``teacher`` link's family
+  (``family.of_link``). One object per family, so compiled samplers keyed by it are reused."""
+  prediction = fam.models.prediction_type or fam.teacher_prediction
+  if prediction == fam.teacher_prediction:
+    return fam
+  return dataclasses.replace(fam, teacher_prediction=prediction)
 
 
 def from_exported(path: str, *, conditioning: str, num_classes: int,

@@ -20,8 +20,8 @@ autoencoder as ``autoencoder/vae/`` with ``scaling_factor = 1/std`` of its laten
 images (Stable Diffusion's recipe) and its held-out PSNR in ``autoencoder/metrics.json``; each
 CLIP as a transformers ``CLIPModel`` folder, ``clip/model/``, with its tokenizer. ``assemble``
 then writes ``parts/``, the teacher's diffusers-layout folder: the VAE, the conditioning CLIP's
-text tower as ``text_encoder/`` with ``tokenizer/``, the ``scheduler/`` of ``latent.scheduler``,
-and ``unet/`` (``latent.unet``) at its initialisation. The latent family reads that folder as
+text tower as ``text_encoder/`` with ``tokenizer/``, the ``scheduler/`` of ``latent.scheduler``
+(its ``prediction_type`` says what the teacher's network predicts, ε by default), and ``unet/`` (``latent.unet``) at its initialisation. The latent family reads that folder as
 ``teacher.pretrained`` (``layout.fill_trained_parts``) and the teacher trains from it.
 """
 
@@ -299,10 +299,20 @@ def parts_dir(workdir) -> epath.Path:
   return epath.Path(workdir) / PARTS_DIR
 
 
+# What the teacher's network predicts, by ``latent.scheduler.prediction_type``.
+TRAINED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def teacher_prediction_type(config) -> str:
+  """``latent.scheduler.prediction_type`` (default ``"epsilon"``, Stable Diffusion's): what the
+  teacher trained here predicts, written to its folder's scheduler."""
+  return config.latent.scheduler.get("prediction_type", "epsilon")
+
+
 def scheduler_config(config) -> dict:
   return {"_class_name": "DDIMScheduler", **config.latent.scheduler.to_dict(),
-          "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": False,
-          "steps_offset": 1}
+          "prediction_type": teacher_prediction_type(config), "clip_sample": False,
+          "set_alpha_to_one": False, "steps_offset": 1}
 
 
 def assemble(config, workdir, unet_rng) -> epath.Path:
