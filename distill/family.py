@@ -145,8 +145,9 @@ def of_link(config, link_name: str) -> DenoiserFamily:
 
   ``of(config)`` reads the teacher as the students learn from it: in a latent chain with a
   ``teacher_v`` link, as a v-prediction network. The ``teacher`` link itself predicts what its
-  folder's scheduler says (ε for Stable Diffusion, and for the teacher a chain trains from its
-  parts), while it trains and when it is sampled; ``teacher_v`` starts from it and learns v."""
+  folder's scheduler says (ε for Stable Diffusion; ``latent.scheduler.prediction_type`` for a
+  teacher the chain trains from its parts), while it trains and when it is sampled;
+  ``teacher_v`` starts from it and learns v."""
   fam = of(config)
   if link_name == "teacher" and name_of(config) == "latent":
     from distill.latent import family as latent_family  # pylint: disable=import-outside-toplevel

@@ -21,7 +21,8 @@ images (Stable Diffusion's recipe) and its held-out PSNR in ``autoencoder/metric
 CLIP as a transformers ``CLIPModel`` folder, ``clip/model/``, with its tokenizer. ``assemble``
 then writes ``parts/``, the teacher's diffusers-layout folder: the VAE, the conditioning CLIP's
 text tower as ``text_encoder/`` with ``tokenizer/``, the ``scheduler/`` of ``latent.scheduler``
-(its ``prediction_type`` says what the teacher's network predicts, ε by default), and ``unet/`` (``latent.unet``) at its initialisation. The latent family reads that folder as
+(its ``prediction_type`` says what the teacher's network predicts, ε by default), and ``unet/``
+(``latent.unet``) at its initialisation. The latent family reads that folder as
 ``teacher.pretrained`` (``layout.fill_trained_parts``) and the teacher trains from it.
 """
 
