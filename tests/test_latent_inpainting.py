@@ -185,7 +185,7 @@ def test_the_emoji_variant_and_the_cache(folder, tmp_path):
   assert config.latent.inpainting and not config.latent.cache
   assert parts.unet_config(config).in_channels == 2 * 4 + 1
   assert parts.unet_config(load_config("emoji")).in_channels == 4
-  with pytest.raises(ValueError, match=r"variants are \['runlocal', 'inpaint'\]"):
+  with pytest.raises(ValueError, match=r"variants are \['runlocal', 'inpaint', 'epsilon'\]"):
     load_config("emoji:inpainting")
   # Each step draws new masked images: a cache of encoded images cannot serve the chain.
   config = _config(folder)
