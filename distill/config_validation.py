@@ -204,10 +204,11 @@ def check_parts(config) -> None:
     raise ValueError(f"the autoencoder and clip links train on image–caption data: data.name="
                      f"{config.data.name!r} must hold captions and latent.conditioning be "
                      "'text'.")
+  from distill.latent import teacher  # pylint: disable=import-outside-toplevel
   kind = parts.teacher_prediction_type(config)
-  if kind not in parts.TRAINED_PREDICTION_TYPES:
+  if kind not in teacher.PREDICTION_TYPES:
     raise ValueError(f"latent.scheduler.prediction_type={kind!r}: the teacher trained here "
-                     f"predicts one of {list(parts.TRAINED_PREDICTION_TYPES)}.")
+                     f"predicts one of {list(teacher.PREDICTION_TYPES)}.")
   if config.teacher.get("weighting", "eps") not in TEACHER_WEIGHTINGS:
     raise ValueError(f"teacher.weighting={config.teacher.weighting!r}: use one of "
                      f"{list(TEACHER_WEIGHTINGS)}.")

@@ -324,8 +324,8 @@ def test_the_teacher_predicts_what_its_folder_says_and_teacher_v_reads_v(
 def test_a_teacher_trained_here_predicts_epsilon_or_v():
   config = load_config(f"{EMOJI},epsilon")
   assert parts.scheduler_config(config)["prediction_type"] == "epsilon"
-  config.latent.scheduler.prediction_type = "sample"
-  with pytest.raises(ValueError, match=r"latent.scheduler.prediction_type='sample'"):
+  config.latent.scheduler.prediction_type = "x"
+  with pytest.raises(ValueError, match=r"latent.scheduler.prediction_type='x'"):
     config_validation.check_parts(config)
 
 

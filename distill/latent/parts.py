@@ -300,10 +300,6 @@ def parts_dir(workdir) -> epath.Path:
   return epath.Path(workdir) / PARTS_DIR
 
 
-# What the teacher's network predicts, by ``latent.scheduler.prediction_type``.
-TRAINED_PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
 def teacher_prediction_type(config) -> str:
   """``latent.scheduler.prediction_type`` (default ``"epsilon"``, Stable Diffusion's): what the
   teacher trained here predicts, written to its folder's scheduler."""
