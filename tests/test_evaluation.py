@@ -130,7 +130,7 @@ def test_eval_with_inception_on_mock_cifar10(tmp_path, random_inception_weights)
   config.eval.inception_weights = str(random_inception_weights[0])
   config.eval.update(dict(w_values=(0.0,), seeds=(0,), num_samples=10, teacher_steps=2,
                           ddim_steps=(1,), dpm_solver_steps=(), batch_size=10,
-                          reference_samples=20, pr_samples=20))
+                          reference_samples=10, pr_samples=10))
   with tfds.testing.mock_data(num_examples=40):
     pipeline.run(config, tmp_path)
   with open(tmp_path / "report" / "table.csv") as f:

@@ -1,11 +1,13 @@
-"""The latent chain through the CLI: imported teacher → teacher_v → stage one → the halving 2 → 1.
+"""The latent chain through the CLI: imported teacher → teacher_v → stage one.
 
 On the tiny class-conditional fixture (cin256-like): a run killed with SIGKILL in stage one,
 from another directory with relative paths, then finished by the same run, ends with
 teacher_v's and stage one's parameters bit-identical to an uninterrupted run; a rerun trains
-nothing; a changed config is refused; ``distill.sample --labels`` decodes images. The
-text-to-image chain (parts trained here, prompts → images, the eval stage with CLIP scores) is
-tested on the emoji run, tests/test_latent_parts.py.
+nothing; a changed config is refused; ``distill.sample --labels`` decodes images. The latent
+halvings run in the chains of the text-to-image run (tests/test_latent_parts.py, with prompts →
+images and the eval stage's CLIP scores), the latent cache (tests/test_latent_cache.py) and the
+inpainting U-Net (tests/test_latent_inpainting.py); a resume inside a halving is the pixel
+chain's test (tests/test_pipeline.py).
 """
 
 import json
@@ -27,10 +29,10 @@ from test_pipeline import DRIVER  # the SIGKILL driver of the pixel chain's test
 REPO = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.xdist_group("latent_pipeline")
 
-# Four steps per link, a checkpoint every two, halvings 2 → 1: every link trains and saves.
-OVERRIDES = {"num_devices": 1, "teacher_v.num_train_steps": 4, "stage_one.num_train_steps": 4,
-             "stage_two.train_steps_per_halving": 4, "stage_two.start_num_steps": 2}
-for _name in ("teacher_v", "stage_one", "stage_two"):
+# Four steps per link, a checkpoint every two: every link trains and saves.
+OVERRIDES = {"num_devices": 1, "stages": "teacher,teacher_v,stage_one",
+             "teacher_v.num_train_steps": 4, "stage_one.num_train_steps": 4}
+for _name in ("teacher_v", "stage_one"):
   OVERRIDES[f"{_name}.checkpoint_every"] = 2
   OVERRIDES[f"{_name}.sample_every"] = 4 if _name == "teacher_v" else 0  # one grid compile
 
@@ -74,9 +76,8 @@ def _cli(cwd, name, workdir, *, stop_at=None, extra=()):
 
 @pytest.fixture(scope="module")
 def cin_reference(tmp_path_factory):
-  """The links up to stage one, uninterrupted (the halving's resume is the pixel chain's test)."""
+  """The links up to stage one, uninterrupted."""
   config = _config("ldm_cin256")
-  config.stages = "teacher,teacher_v,stage_one"
   workdir = tmp_path_factory.mktemp("cin_reference")
   pipeline.run(config, workdir)
   return workdir
@@ -85,8 +86,7 @@ def cin_reference(tmp_path_factory):
 def test_cin_chain_killed_through_the_cli_resumes_bit_identically(tmp_path, cin_reference,
                                                                   caplog, monkeypatch):
   config = _config("ldm_cin256")
-  assert [link.name for link in layout.chain(config)] == [
-      "teacher", "teacher_v", "stage_one", "stage_two/N=1"]
+  assert [link.name for link in layout.chain(config)][:3] == ["teacher", "teacher_v", "stage_one"]
   cwd = tmp_path / "elsewhere"
   cwd.mkdir()
   workdir = cwd / "runs" / "cin"
@@ -102,8 +102,8 @@ def test_cin_chain_killed_through_the_cli_resumes_bit_identically(tmp_path, cin_
   with caplog.at_level(logging.INFO):
     pipeline.run(_config("ldm_cin256"), "runs/cin")
   assert "teacher: not trained" in caplog.text
-  assert "teacher_v (link 1/3): complete" in caplog.text
-  assert re.search(r"stage_two/N=1 step 4/4: .* \| link 3/3", caplog.text)
+  assert "teacher_v (link 1/2): complete" in caplog.text
+  assert re.search(r"stage_one step 4/4: .* \| link 2/2", caplog.text)
   caplog.clear()
   resumed, straight = _final_params(config, workdir), _final_params(config, cin_reference)
   assert set(straight) == {"teacher_v", "stage_one"}
@@ -115,13 +115,11 @@ def test_cin_chain_killed_through_the_cli_resumes_bit_identically(tmp_path, cin_
   assert not _equal(imported, resumed["teacher_v"])
   assert "time_embedding_cond_proj" in resumed["stage_one"]
   assert float(np.abs(resumed["stage_one"]["time_embedding_cond_proj"]["kernel"]).max()) > 0
-  halving = _final_params(config, workdir, names=("stage_two/N=1",))["stage_two/N=1"]
-  assert not _equal(halving, resumed["stage_one"])
 
   # A rerun trains nothing, a changed config is refused in one line.
   with caplog.at_level(logging.INFO):
     pipeline.run(config, workdir)
-  assert "stage_one (link 2/3): complete" in caplog.text
+  assert "stage_one (link 2/2): complete" in caplog.text
   assert not re.search(r"\S+ step \d+/\d+: loss", caplog.text)
   config.stage_one.lr = 0.005
   with pytest.raises(ValueError, match=r"stage_one\.lr: 0\.001 -> 0\.005") as info:
@@ -129,13 +127,13 @@ def test_cin_chain_killed_through_the_cli_resumes_bit_identically(tmp_path, cin_
   assert "\n" not in str(info.value)
 
   # distill.sample's command line, in this process, from the run's directory.
-  sample._main(["--workdir=runs/cin", "--model=student", "--num_steps=1", "--labels=3,7",  # pylint: disable=protected-access
+  sample._main(["--workdir=runs/cin", "--model=stage_one", "--num_steps=1", "--labels=3,7",  # pylint: disable=protected-access
                 "--w=0,4", "--per_row=2", "--out=samples",
                 f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
-  with np.load(cwd / "samples" / "student1_deterministic_1steps_seed0.npz") as f:
+  with np.load(cwd / "samples" / "stage_one_deterministic_1steps_seed0.npz") as f:
     assert f["images"].shape == (4, 16, 16, 3)  # decoded by the VQ first stage
     assert list(f["labels"]) == [3, 7, 3, 7] and list(f["w"]) == [0, 0, 4, 4]
   with pytest.raises(ValueError, match=r"is class-conditional: pass --labels, not prompts\.$"):
-    sample._main([f"--workdir={workdir}", "--model=student", "--num_steps=1",  # pylint: disable=protected-access
+    sample._main([f"--workdir={workdir}", "--model=stage_one", "--num_steps=1",  # pylint: disable=protected-access
                   "--prompt=a cat", f"--out={tmp_path / 'refused'}",
                   f"--compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"])
