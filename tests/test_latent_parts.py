@@ -321,7 +321,7 @@ def test_the_teacher_predicts_what_its_folder_says_and_teacher_v_reads_v(
   assert seen == [prediction_type, "v_prediction"]
 
 
-def test_a_teacher_trained_here_predicts_epsilon_or_v():
+def test_a_teacher_trained_here_predicts_what_a_teacher_network_may():
   config = load_config(f"{EMOJI},epsilon")
   assert parts.scheduler_config(config)["prediction_type"] == "epsilon"
   config.latent.scheduler.prediction_type = "x"
