@@ -14,9 +14,9 @@ Workdir layout (``distill/layout.py`` has the links and reads what they hold)::
 
 Each link of the chain trains with the one loop of ``distill/train.py``; only its objective and
 its frozen teacher differ. A link hands its EMA parameters on (equal to its parameters when
-``ema_decay = 0``). Rerunning the same command resumes: a finished link returns at once from its
-final checkpoint, an interrupted one continues from its newest readable checkpoint, and a link
-whose stage is not in ``config.stages`` is read from the workdir when a later link needs it.
+``ema_decay = 0``). Rerunning the same command resumes: a finished link, like a link whose stage
+is not in ``config.stages``, is read from the workdir (its EMA parameters) only when a later link
+needs it; an interrupted one continues from its newest readable checkpoint.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def train_teacher(config, workdir, mesh) -> train.TrainState:
 
 
 def run(config, workdir) -> None:
-  """Runs ``config.stages`` in order; finished links return at once, so reruns resume.
+  """Runs ``config.stages`` in order; finished links are skipped, so reruns resume.
 
   Local paths (``workdir`` and the config's path fields) are made absolute here, against the
   current directory; URLs such as ``gs://…`` are left as they are.
@@ -193,6 +193,8 @@ def run(config, workdir) -> None:
   for link in links[:last + 1]:
     if not layout.is_part(link) or link.stage not in stages:
       continue
+    if _skipped_as_complete(record, tracker, link, latent_parts.is_exported(workdir, link.name)):
+      continue
     _recorded(record, tracker, link,
               lambda link=link: train_part(config, workdir, link, mesh, progress=tracker))
   if layout.trains_parts(config) and (any(not layout.is_part(link) for link in links[:last + 1])
@@ -213,7 +215,7 @@ def run(config, workdir) -> None:
     if imported and "teacher" in stages:
       logging.info("teacher: not trained, %s is used instead",
                    config.teacher.checkpoint or config.teacher.pretrained)
-    if imported or link.stage not in stages:
+    if imported or link.stage not in stages or _skipped_as_complete(record, tracker, link):
       params[link.name] = lambda link=link: layout.read_final_params(config, workdir, link, mesh)
       continue
     parent = layout.teacher_of(links, link)
@@ -235,16 +237,25 @@ def run(config, workdir) -> None:
                ", ".join(stages))
 
 
+def _skipped_as_complete(record, tracker, link: layout.Link, written: bool = True) -> bool:
+  """Whether ``link`` finished in an earlier run (the manifest records it only after its final
+  checkpoint is written, and ``written``: a part's folder too). Such a link is not restored: its
+  EMA parameters are read from the final checkpoint if, and when, a later link needs them (a
+  whole train state is four times the parameters, and Orbax reads it array by array)."""
+  if not (written and record.is_complete(link.name)):
+    return False
+  tracker.begin(link.name, int(record.data["stages"][link.name]["final_step"]))
+  logging.info("%s (%s): complete", link.name, tracker.position(link.name))
+  return True
+
+
 def _recorded(record, tracker, link: layout.Link, train_fn) -> train.TrainState:
-  """Runs ``train_fn()`` for ``link``, logged with its position, and records a newly finished
-  link in the manifest (a finished one returns at once from its final checkpoint)."""
+  """Runs ``train_fn()`` for ``link``, logged with its position, and records the finished link
+  in the manifest."""
   start = time.time()
-  was_complete = record.is_complete(link.name)
-  logging.info("%s (%s): %s", link.name, tracker.position(link.name),
-               "complete, read from its final checkpoint" if was_complete else "training")
+  logging.info("%s (%s): training", link.name, tracker.position(link.name))
   state = train_fn()
-  if not was_complete:
-    record.complete(link.name, step=int(state.step), seconds=time.time() - start)
+  record.complete(link.name, step=int(state.step), seconds=time.time() - start)
   return state
 
 

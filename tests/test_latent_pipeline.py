@@ -29,11 +29,12 @@ from test_pipeline import DRIVER  # the SIGKILL driver of the pixel chain's test
 REPO = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.xdist_group("latent_pipeline")
 
-# Four steps per link, a checkpoint every two: every link trains and saves.
+# Four steps per link; stage one saves every two steps (the kill comes at its step 2), teacher_v
+# at its end.
 OVERRIDES = {"num_devices": 1, "stages": "teacher,teacher_v,stage_one",
              "teacher_v.num_train_steps": 4, "stage_one.num_train_steps": 4}
 for _name in ("teacher_v", "stage_one"):
-  OVERRIDES[f"{_name}.checkpoint_every"] = 2
+  OVERRIDES[f"{_name}.checkpoint_every"] = 2 if _name == "stage_one" else 4
   OVERRIDES[f"{_name}.sample_every"] = 4 if _name == "teacher_v" else 0  # one grid compile
 
 

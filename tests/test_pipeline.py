@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from distill import family, layout, losses, models, pipeline, sample, schedules
+from distill import checkpoints, family, layout, losses, models, pipeline, sample, schedules
 from distill.config_utils import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -196,9 +196,17 @@ def test_killed_and_preempted_runs_resume_bit_identically(tmp_path, reference, c
     assert _equal(resumed[name], straight[name]), name
 
 
-def test_rerun_of_a_finished_chain_trains_nothing(reference, caplog):
+def test_rerun_of_a_finished_chain_trains_nothing(reference, caplog, monkeypatch):
+  """Nor reads a checkpoint: a finished link's parameters are read only for a link that trains
+  from them (the resume test reads them for one)."""
   config = tiny_config()
   config.stages = "teacher,stage_one,stage_two"
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished chain's rerun read a checkpoint")
+
+  monkeypatch.setattr(checkpoints.Checkpoints, "restore_latest", refuse)
+  monkeypatch.setattr(checkpoints, "read_params", refuse)
   with caplog.at_level(logging.INFO):
     pipeline.run(config, reference)
   assert not re.search(r"\S+ step \d+/\d+: loss", caplog.text)

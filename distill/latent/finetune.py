@@ -55,7 +55,7 @@ def export(models: pretrained_lib.LatentModels, unet_params, out: epath.Path) ->
 
 
 def run(config, workdir) -> epath.Path:
-  """Trains the chain through ``teacher_v`` (finished links return at once) and writes
+  """Trains the chain through ``teacher_v`` (finished links are skipped) and writes
   ``workdir/teacher_v/diffusers``; returns that folder."""
   if config.get("family") != "latent" or not layout.has_teacher_v(config):
     raise ValueError("--config must be a latent config with a teacher_v section "
