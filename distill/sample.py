@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any
 
 import jax
@@ -415,6 +416,10 @@ def _main(argv):
     raise ValueError("--labels and --prompt/--prompts_file exclude each other: pass one.")
   if args.per_row is not None and args.per_row < 1:
     raise ValueError(f"--per_row={args.per_row} must be >= 1.")
+
+  for image in (args.init_image, args.mask):  # before the model is read: a typo costs nothing
+    if image and not os.path.isfile(paths.resolve(image)):
+      raise ValueError(f"{image}: no such image file.")
 
   w_values = [float(v) for v in args.w.split(",") if v.strip()]
   if args.pretrained:

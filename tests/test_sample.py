@@ -199,6 +199,16 @@ def test_editing_errors_are_one_line(tiny_pipeline, tmp_path, monkeypatch, args,
   assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("flag", ["--init_image", "--mask"])
+def test_a_missing_image_is_refused_before_the_model_is_read(tmp_path, monkeypatch, flag):
+  def read(*args, **kwargs):
+    raise AssertionError("the model was read before the image files were checked")
+
+  monkeypatch.setattr(sample, "load_model", read)
+  with pytest.raises(SystemExit, match=r"^error: nope\.png: no such image file\.$"):
+    sample.main([f"--workdir={tmp_path}", f"{flag}=nope.png"])
+
+
 def test_an_exported_pixel_student_samples_as_in_its_workdir(tiny_pipeline, tmp_path):
   """distill.export writes a pixel student's Flax parameters, config and distill.json;
   distill.sample --pretrained draws the workdir's samples from it, bit for bit."""
