@@ -417,7 +417,9 @@ def _main(argv):
   if args.per_row is not None and args.per_row < 1:
     raise ValueError(f"--per_row={args.per_row} must be >= 1.")
 
-  for image in (args.init_image, args.mask):  # before the model is read: a typo costs nothing
+  # The image files before the model is read, so a typo costs nothing (a --mask without
+  # --init_image is refused below, with the other editing arguments).
+  for image in ((args.init_image, args.mask) if args.init_image else ()):
     if image and not os.path.isfile(paths.resolve(image)):
       raise ValueError(f"{image}: no such image file.")
 

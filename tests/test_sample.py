@@ -199,14 +199,17 @@ def test_editing_errors_are_one_line(tiny_pipeline, tmp_path, monkeypatch, args,
   assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("flag", ["--init_image", "--mask"])
-def test_a_missing_image_is_refused_before_the_model_is_read(tmp_path, monkeypatch, flag):
-  def read(*args, **kwargs):
+@pytest.mark.parametrize("args", [["--init_image=nope.png"],
+                                  ["--init_image=digit.png", "--mask=nope.png"]])
+def test_a_missing_image_is_refused_before_the_model_is_read(tmp_path, monkeypatch, args):
+  def read(*unused_args, **unused_kwargs):
     raise AssertionError("the model was read before the image files were checked")
 
+  _digit_files(tmp_path)
+  monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(sample, "load_model", read)
   with pytest.raises(SystemExit, match=r"^error: nope\.png: no such image file\.$"):
-    sample.main([f"--workdir={tmp_path}", f"{flag}=nope.png"])
+    sample.main([f"--workdir={tmp_path}", *args])
 
 
 def test_an_exported_pixel_student_samples_as_in_its_workdir(tiny_pipeline, tmp_path):
