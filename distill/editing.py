@@ -21,6 +21,8 @@ it is kept.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,18 +79,24 @@ def composite(decoded, source, fill_mask):
   return fill * decoded + (1.0 - fill) * source
 
 
+def check_image_file(path) -> None:
+  """Refuses ``path`` (as a user typed it) when no file is there: before anything is loaded."""
+  from distill import paths  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(paths.resolve(str(path))):
+    raise ValueError(f"{path}: no such image file.")
+
+
 def read_image(path, *, size: tuple[int, int], channels: int) -> np.ndarray:
   """An image file as ``[H, W, C]`` float32 in [−1, 1], resized to ``size`` (``(H, W)``),
   grey (``channels = 1``) or RGB (``3``); transparency is composited on white."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from distill import paths  # pylint: disable=import-outside-toplevel
+  check_image_file(path)
   resolved = paths.resolve(str(path))
   try:
     with Image.open(resolved) as img:
       img.load()
       rgba = img.convert("RGBA")
-  except (FileNotFoundError, IsADirectoryError) as e:
-    raise ValueError(f"{path}: no such image file.") from e
   except OSError as e:
     raise ValueError(f"{path}: not an image PIL can read ({e}).") from e
   white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -113,6 +113,10 @@ class Manifest:
   def is_complete(self, name: str) -> bool:
     return name in self.data["stages"]
 
+  def final_step(self, name: str) -> int:
+    """The step a completed stage finished at (``complete``'s ``step``)."""
+    return int(self.data["stages"][name]["final_step"])
+
   def complete(self, name: str, *, step: int, seconds: float) -> None:
     self.data["stages"][name] = {"final_step": step, "seconds": round(seconds, 1),
                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -244,7 +244,7 @@ def _skipped_as_complete(record, tracker, link: layout.Link, written: bool = Tru
   whole train state is four times the parameters, and Orbax reads it array by array)."""
   if not (written and record.is_complete(link.name)):
     return False
-  tracker.begin(link.name, int(record.data["stages"][link.name]["final_step"]))
+  tracker.begin(link.name, record.final_step(link.name))
   logging.info("%s (%s): complete", link.name, tracker.position(link.name))
   return True
 

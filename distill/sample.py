@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
@@ -420,8 +419,8 @@ def _main(argv):
   # The image files before the model is read, so a typo costs nothing (a --mask without
   # --init_image is refused below, with the other editing arguments).
   for image in ((args.init_image, args.mask) if args.init_image else ()):
-    if image and not os.path.isfile(paths.resolve(image)):
-      raise ValueError(f"{image}: no such image file.")
+    if image:
+      editing.check_image_file(image)
 
   w_values = [float(v) for v in args.w.split(",") if v.strip()]
   if args.pretrained:
