@@ -289,6 +289,9 @@ def latent_base_config(*, pretrained: str, conditioning: str) -> ml_collections.
   # image's latents in (distill/latent/inpainting.py). An imported teacher is one if its U-Net
   # has 2·C + 1 input channels, whatever this says.
   config.latent.inpainting = False
+  # An inpainting U-Net's loss weight on the latent cells its mask keeps, in every link's loss
+  # (distill/latent/inpainting.py, loss_weights); 1: the plain loss of SD-inpainting.
+  config.latent.kept_loss_weight = 1.0
   config.latent.dtype = "float32"
   config.latent.remat = False
   config.latent.attention = "auto"

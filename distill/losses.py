@@ -17,17 +17,21 @@ import jax.numpy as jnp
 from distill import denoiser, diffusion, guidance, schedules
 
 
-def _per_example_mean(x):
-  return jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)))
+def _per_example_mean(x, weights=None):
+  """Per-example mean of ``x²``; with ``weights`` (broadcast to ``x``; the family's
+  ``loss_weights``) the mean of ``weights·x²``."""
+  sq = jnp.square(x) if weights is None else weights * jnp.square(x)
+  return jnp.mean(sq, axis=tuple(range(1, x.ndim)))
 
 
-def snr_trunc_loss(x, x_pred, eps, eps_pred):
-  """Per-example ``max(‖x̂ − x‖², ‖ε̂ − ε‖²)`` (pixel means).
+def snr_trunc_loss(x, x_pred, eps, eps_pred, weights=None):
+  """Per-example ``max(‖x̂ − x‖², ‖ε̂ − ε‖²)`` (pixel means, weighted by ``weights``).
 
   This is the x-space error weighted by ``ω(λ) = max(exp(λ), 1)`` ("SNR-truncated", docs/design.md
   §1.6), since ``‖ε̂ − ε‖² = exp(λ) ‖x̂ − x‖²`` for predictions tied by ``z``.
   """
-  return jnp.maximum(_per_example_mean(x_pred - x), _per_example_mean(eps_pred - eps))
+  return jnp.maximum(_per_example_mean(x_pred - x, weights),
+                     _per_example_mean(eps_pred - eps, weights))
 
 
 def snr_trunc_weight(logsnr):
@@ -35,9 +39,10 @@ def snr_trunc_weight(logsnr):
   return jnp.maximum(jnp.exp(jnp.asarray(logsnr, jnp.float32)), 1.0)
 
 
-def weighted_x_loss(x_pred, x_target, logsnr):
-  """Per-example ``ω(λ)·‖x̂ − x̃‖²`` (pixel means), the distillation loss of Eq. 3 / Alg. 2."""
-  return snr_trunc_weight(logsnr) * _per_example_mean(x_pred - x_target)
+def weighted_x_loss(x_pred, x_target, logsnr, weights=None):
+  """Per-example ``ω(λ)·‖x̂ − x̃‖²`` (pixel means, weighted by ``weights``), the distillation
+  loss of Eq. 3 / Alg. 2."""
+  return snr_trunc_weight(logsnr) * _per_example_mean(x_pred - x_target, weights)
 
 
 def _noisy_batch(family, x, key, t):
@@ -81,12 +86,13 @@ def teacher_objective(family, *, p_uncond: float, weighting: str = "snr_trunc"):
     v = family.v_hat(family.teacher, params, z, t, cond, train=True,
                      rngs={"dropout": k_dropout})
     x_pred = diffusion.x_from_v(z, v, logsnr)
+    weights = family.loss_weights(cond)
     if weighting == "snr_trunc":
-      per_example = snr_trunc_loss(x, x_pred, eps, diffusion.eps_from_v(z, v, logsnr))
+      per_example = snr_trunc_loss(x, x_pred, eps, diffusion.eps_from_v(z, v, logsnr), weights)
     elif weighting == "eps":
-      per_example = _per_example_mean(diffusion.eps_from_v(z, v, logsnr) - eps)
+      per_example = _per_example_mean(diffusion.eps_from_v(z, v, logsnr) - eps, weights)
     else:
-      per_example = _per_example_mean(v - diffusion.v_from_x_eps(x, eps, logsnr))
+      per_example = _per_example_mean(v - diffusion.v_from_x_eps(x, eps, logsnr), weights)
     loss = jnp.mean(per_example)
     return loss, {"loss": loss, "x_mse": jnp.mean(_per_example_mean(x_pred - x))}
   return objective
@@ -131,7 +137,8 @@ def stage_one_objective(family, *, w_min: float, w_max: float, dropout: float = 
         denoiser.guided_x_prediction(family, frozen, z, t, cond, w))
     x_pred = denoiser.x_prediction(family, student, params, z, t, cond, w, train=True,
                                    rngs={"dropout": k_dropout})
-    loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_x_loss(x_pred, target, logsnr))
+    loss = jnp.mean(w_loss_weight(w, w_weighting)
+                    * weighted_x_loss(x_pred, target, logsnr, family.loss_weights(cond)))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective
 
@@ -208,17 +215,19 @@ def stage_two_objective(family, *, w_min: float, w_max: float, for_stochastic: b
                                                     logsnr_fn=family.logsnr_fn))
     x_pred = denoiser.x_prediction(family, student, params, z, t, cond, w, train=True,
                                    rngs={"dropout": k_dropout})
-    loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_x_loss(x_pred, target, logsnr))
+    loss = jnp.mean(w_loss_weight(w, w_weighting)
+                    * weighted_x_loss(x_pred, target, logsnr, family.loss_weights(cond)))
     return loss, {"x_mse": jnp.mean(_per_example_mean(x_pred - target))}
   return objective
 
 
-def weighted_v_loss(v_pred, v_target, logsnr):
+def weighted_v_loss(v_pred, v_target, logsnr, weights=None):
   """Per-example ``max(α², σ²)·‖v̂ − ṽ‖²``: ``weighted_x_loss`` of the x-predictions both make at
   the same ``z`` (``x̂ − x̃ = −σ(v̂ − ṽ)`` and ``max(exp(λ), 1)·σ² = max(α², σ²)``), computed
   without forming ``x``, whose difference vanishes with ``σ`` at ``t = 0``."""
   alpha, sigma = schedules.alpha_sigma(jnp.asarray(logsnr, jnp.float32))
-  return jnp.maximum(jnp.square(alpha), jnp.square(sigma)) * _per_example_mean(v_pred - v_target)
+  return (jnp.maximum(jnp.square(alpha), jnp.square(sigma))
+          * _per_example_mean(v_pred - v_target, weights))
 
 
 def encoder_target(teacher_v_fn, z_s, s, num_student_steps, *,
@@ -283,6 +292,7 @@ def encoder_objective(family, *, w_min: float, w_max: float, w_weighting: str = 
                                                   logsnr_fn=family.logsnr_fn))
     v_pred = denoiser.v_prediction(family, student, params, z, s, cond, w, train=True,
                                    rngs={"dropout": k_dropout})
-    loss = jnp.mean(w_loss_weight(w, w_weighting) * weighted_v_loss(v_pred, target, logsnr))
+    loss = jnp.mean(w_loss_weight(w, w_weighting)
+                    * weighted_v_loss(v_pred, target, logsnr, family.loss_weights(cond)))
     return loss, {"v_mse": jnp.mean(_per_example_mean(v_pred - target))}
   return objective

@@ -29,7 +29,8 @@ ADDED_LATER = {"stage_one.w_sample_power": 1.0, "stage_two.w_sample_power": 1.0,
                "teacher_v.weighting": "snr_trunc", "data.tfds_name": "",
                "data.tfds_caption": "captions/text", "data.tfds_train_split": "train",
                "data.tfds_held_out_split": "val", "latent.cache": False,
-               "latent.dtype": "float32", "latent.remat": False, "latent.inpainting": False}
+               "latent.dtype": "float32", "latent.remat": False, "latent.inpainting": False,
+               "latent.kept_loss_weight": 1.0}
 # Sections that configure optional links of their own only, each with the test of whether a
 # recorded section has links: absent from a recorded config (a workdir started before the section
 # existed) or recorded without links, none of theirs can have been trained, so the section is

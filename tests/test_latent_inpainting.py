@@ -6,6 +6,7 @@ channels (latents, mask, masked image's latents), the extra input weights random
 condition's parts move the output: random weights check the wiring, not quality.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import layout, pipeline, sample
+from distill import layout, losses, pipeline, sample
 from distill.config_utils import load_config
 from distill.latent import export, inpainting, pretrained
 from distill.latent import family as latent_family
@@ -140,6 +141,77 @@ def test_batches_carry_masks_drawn_by_global_row(folder, monkeypatch):
   second = fam.prepare_batches(half, seed=11)[step]
   np.testing.assert_array_equal(second["mask"], batch["mask"][2:])
   np.testing.assert_allclose(second["masked_latents"], batch["masked_latents"][2:], atol=1e-6)
+
+
+class _LinearInpaintingFamily(latent_family.LatentFamily):
+  """The inpainting family with a linear stand-in for its U-Net (``v`` from the noisy latents, the
+  masked latents and ``w``): every objective's own arithmetic, without a U-Net to compile."""
+
+  def v_hat(self, net, params, z, t, cond, w=None, *, train: bool = False, rngs=None):
+    del net, train, rngs
+    t = jnp.reshape(jnp.asarray(t, jnp.float32), (-1, 1, 1, 1))
+    w = 0.0 if w is None else jnp.reshape(jnp.asarray(w, jnp.float32), (-1, 1, 1, 1))
+    return params["a"] * z + params["b"] * (1.0 + t + 0.1 * w) * cond["masked"]
+
+
+def test_the_kept_loss_weight_weights_the_kept_cells(folder):
+  """``latent.kept_loss_weight = k``: every link's per-cell squared errors count k times where the
+  mask keeps the image. Oracle: with the whole image kept each loss is k times the plain one,
+  with the whole image to fill it is the plain one, and in between it is linear in k where the
+  loss is a sum over cells."""
+  def fam_with(weight):
+    config = _config(folder)
+    config.latent.kept_loss_weight = weight
+    fam = latent_family.from_config(config)
+    return _LinearInpaintingFamily(**{f.name: getattr(fam, f.name)
+                                      for f in dataclasses.fields(fam)})
+
+  weights = (1.0, 2.0, 3.0)
+  fams = [fam_with(k) for k in weights]
+  assert fams[0].loss_weights({"mask": jnp.zeros((1, 1, 1, 1))}) is None
+  assert fams[2].kept_loss_weight == 3.0
+  rng = np.random.default_rng(3)
+  b, shape = 8, fams[0].x_shape
+  batch = {"latents": jnp.asarray(rng.normal(size=(b,) + shape), jnp.float32),
+           "context": jnp.asarray(fams[0].context_table[np.arange(b) % 4]),
+           "masked_latents": jnp.asarray(rng.normal(size=(b,) + shape), jnp.float32)}
+  teacher, student = {"a": 0.7, "b": 0.2}, {"a": 0.6, "b": 0.3}
+  two = {"params": teacher, "num_student_steps": jnp.asarray(2, jnp.int32)}
+  w = dict(w_min=0.0, w_max=4.0)
+
+  def losses_of(fam, mask):
+    batch_m, key = dict(batch, mask=jnp.asarray(mask)), jax.random.key(5)
+    return np.array([
+        losses.teacher_objective(fam, p_uncond=0.0)(teacher, None, batch_m, key)[0],
+        losses.teacher_objective(fam, p_uncond=0.0, weighting="eps")(teacher, None, batch_m,
+                                                                     key)[0],
+        losses.stage_one_objective(fam, **w)(student, teacher, batch_m, key)[0],
+        losses.stage_two_objective(fam, **w)(student, two, batch_m, key)[0],
+        losses.encoder_objective(fam, **w)(student, two, batch_m, key)[0]])
+
+  mixed = (rng.random((b,) + shape[:2] + (1,)) < 0.5).astype(np.float32)
+  kept = [losses_of(f, np.zeros_like(mixed)) for f in fams]
+  fill = [losses_of(f, np.ones_like(mixed)) for f in fams]
+  mix = [losses_of(f, mixed) for f in fams]
+  assert np.all(kept[0] > 0) and np.all(np.isfinite(kept[0]))
+  for k, got in zip(weights, kept):
+    np.testing.assert_allclose(got, k * kept[0], rtol=1e-5)
+  for got in fill:
+    np.testing.assert_allclose(got, fill[0], rtol=1e-5)
+  # Linear in k where a loss is one sum over cells (all but the first, the max of two such sums),
+  # and between the plain loss and k times it.
+  np.testing.assert_allclose((mix[2] - mix[0])[1:], 2 * (mix[1] - mix[0])[1:], rtol=1e-4)
+  assert np.all(mix[2] > mix[0] * 1.05) and np.all(mix[2] < 3 * mix[0] / 1.05)
+  # A text-to-image U-Net has no kept region, and a weight must be positive: one line each.
+  config = _config(TINY_SD)
+  config.latent.kept_loss_weight = 2.0
+  with pytest.raises(ValueError, match=r"^latent\.kept_loss_weight=2 weights the kept region "
+                                       r"of an inpainting U-Net's loss, and .* is not one: set "
+                                       r"it to 1\.$"):
+    latent_family.from_config(config)
+  config.latent.kept_loss_weight = 0.0
+  with pytest.raises(ValueError, match=r"^latent\.kept_loss_weight=0 must be > 0"):
+    latent_family.from_config(config)
 
 
 def test_the_chain_distils_it_and_the_student_inpaints_from_its_condition(folder, tmp_path):

@@ -75,6 +75,7 @@ class LatentFamily:
   conditioning: str  # "class" or "text"
   context_table: np.ndarray  # [num_classes + 1, L, D]: each class's context, the null one last
   inpainting: bool = False  # a 9-channel U-Net: cond is {"context", "mask", "masked"}
+  kept_loss_weight: float = 1.0  # an inpainting U-Net's loss weight on the kept latent cells
   name: str = "latent"
 
   @property
@@ -126,6 +127,13 @@ class LatentFamily:
 
   def logsnr_fn(self, t):
     return self.schedule.logsnr(t)
+
+  def loss_weights(self, cond):
+    """Per-cell weights of the training losses (``inpainting.loss_weights``), or None: equal
+    weights."""
+    if self.inpainting and self.kept_loss_weight != 1.0:
+      return inpainting.loss_weights(cond, self.kept_loss_weight)
+    return None
 
   def x_and_cond(self, batch):
     if self.inpainting:
@@ -298,7 +306,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @functools.lru_cache(maxsize=8)
 def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple,
           num_classes: int, w_dim: int, v_teacher: bool, shapes_only: bool,
-          dtype: str = "float32", remat: bool = False, attention: str = "auto") -> LatentFamily:
+          dtype: str = "float32", remat: bool = False, attention: str = "auto",
+          kept_loss_weight: float = 1.0) -> LatentFamily:
   check_folder(path, conditioning)
   models = pretrained.load_pretrained(path, dtype=DTYPES[dtype], remat=remat,
                                       shapes_only=shapes_only)
@@ -327,11 +336,15 @@ def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple
                      f"latents have {channels} channels: expected {channels} (a text-to-image "
                      f"U-Net) or {2 * channels + 1} (an inpainting one: latents, mask, masked "
                      "image).")
+  inpaints = cfg.in_channels == 2 * channels + 1
+  if kept_loss_weight != 1.0 and not inpaints:
+    raise ValueError(f"latent.kept_loss_weight={kept_loss_weight:g} weights the kept region of an "
+                     f"inpainting U-Net's loss, and {path}/unet is not one: set it to 1.")
   return LatentFamily(models=models, teacher=models.unet, student=student,
                       x_shape=tuple(probe.shape[1:]),
                       teacher_prediction="v_prediction" if v_teacher else models.prediction_type,
-                      conditioning=conditioning, context_table=table,
-                      inpainting=cfg.in_channels == 2 * channels + 1)
+                      conditioning=conditioning, context_table=table, inpainting=inpaints,
+                      kept_loss_weight=kept_loss_weight)
 
 
 def _shape_probe(models):
@@ -364,6 +377,13 @@ def from_exported(path: str, *, conditioning: str, num_classes: int,
                None, True, False)
 
 
+def _kept_loss_weight(lat) -> float:
+  weight = float(lat.get("kept_loss_weight", 1.0))
+  if not weight > 0:
+    raise ValueError(f"latent.kept_loss_weight={weight:g} must be > 0 (1: equal weights).")
+  return weight
+
+
 def from_config(config, *, shapes_only: bool = False) -> LatentFamily:
   """The latent family of ``config`` (``teacher.pretrained`` and the ``latent`` section);
   ``teacher_prediction`` is v when the chain has a ``teacher_v`` link. ``shapes_only``: the
@@ -387,5 +407,6 @@ def from_config(config, *, shapes_only: bool = False) -> LatentFamily:
                tuple(str(n) for n in (lat.get("class_names") or ())),
                int(config.data.num_classes), int(lat.w_embedding_dim),
                layout.has_teacher_v(config), shapes_only, str(lat.get("dtype", "float32")),
-               bool(lat.get("remat", False)), str(lat.get("attention", "auto")))
+               bool(lat.get("remat", False)), str(lat.get("attention", "auto")),
+               _kept_loss_weight(lat))
 

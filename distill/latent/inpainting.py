@@ -69,6 +69,15 @@ def condition(context, mask, masked) -> dict:
   return {"context": context, "mask": mask, "masked": masked}
 
 
+def loss_weights(cond, kept_weight: float):
+  """Per-latent-cell weights ``[B, h, w, 1]`` of a training loss: ``kept_weight`` where the mask
+  keeps the image, 1 where it is to be filled (``latent.kept_loss_weight``). The network is given
+  the kept cells' latents (through the masked image) and must return them; at weight 1 a small
+  teacher returns them less closely than the masked image's latents are (BENCHMARKS.md, "The
+  inpainting U-Net's kept region")."""
+  return 1.0 + (float(kept_weight) - 1.0) * (1.0 - jnp.asarray(cond["mask"], jnp.float32))
+
+
 def unet_input(z, cond):
   """The U-Net's input: ``[z, mask, masked latents]`` along channels (SD-inpainting's order)."""
   mask = jnp.broadcast_to(cond["mask"], z.shape[:-1] + (1,)).astype(z.dtype)
