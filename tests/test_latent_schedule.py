@@ -142,6 +142,7 @@ def _family(v_fn):
   so that ``v_fn(params, z, t, x)`` can be the exact v plus a known error."""
   return types.SimpleNamespace(
       teacher=None, logsnr_fn=SD.logsnr, null_cond=lambda cond: cond,
+      loss_weights=lambda cond: None,
       x_and_cond=lambda batch: (batch["latents"], batch["latents"]),
       v_hat=lambda net, params, z, t, cond, w=None, *, train=False, rngs=None: v_fn(
           params, z, t, cond))
