@@ -22,7 +22,9 @@ The sources are the held-out images (up to ``eval.num_samples``), each with its 
   sources (decode(encode(source))), and, per method, each sample decoded with the source's own
   latents wherever the latent mask keeps them (the sample's filled latents, re-encoded, in the
   hole): the error the autoencoder leaves even when the kept latents are exact, including what
-  its decoder carries across the hole's edge.
+  its decoder carries across the hole's edge. For a 9-channel inpainting U-Net, a third: the
+  same with the latents of the masked image, the network's own input, in the kept cells (what a
+  network that copied its input there would give).
 
 Every method of a task starts from the same noise per example; ``editing.json`` also has each
 method's seconds. Writes ``editing.json``,
@@ -140,12 +142,15 @@ def main(argv=None) -> dict:
     results["autoencoder_rms_kept"] = float(np.sqrt(np.mean((_batched(fam.decode, z_src) - x_src)
                                                             [:, mask == 0] ** 2)))
 
-    def exact_kept_latents_rms(x):
+    def exact_kept_latents_rms(x, z_kept=z_src):
       """The kept region's RMS of the sample decoded from ``exact_kept_latents``: the
       autoencoder's error for this sample, with what its decoder carries across the hole's
-      edge."""
-      return float(np.sqrt(np.mean((_batched(fam.decode, exact_kept_latents(fam, x, z_src, mask))
+      edge (``z_kept``: the source's latents, or the masked image's)."""
+      return float(np.sqrt(np.mean((_batched(fam.decode, exact_kept_latents(fam, x, z_kept, mask))
                                     - x_src)[:, mask == 0] ** 2)))
+    if fam.inpainting:  # the network's input: the masked image's latents
+      z_masked = _batched(fam.encode_images, np.asarray(inpainting.masked_image(
+          x_src, np.broadcast_to(mask, (n,) + mask.shape))))
   shown = {}
   # The teacher starts where the first student does (its grid point nearest the strength).
   _, t_start = editing.start_on_grid(args.strength, students[0])
@@ -169,6 +174,8 @@ def main(argv=None) -> dict:
         rms_kept=float(np.sqrt(np.mean((x - x_src)[:, kept] ** 2))),
         rms_filled=float(np.sqrt(np.mean((x - x_src)[:, ~kept] ** 2))),
         **({"rms_kept_exact_latents": exact_kept_latents_rms(x)} if fam.name == "latent"
+           else {}),
+        **({"rms_kept_input_latents": exact_kept_latents_rms(x, z_masked)} if fam.inpainting
            else {}),
         seconds=round(seconds, 1), **scores(x, conds)))
     return x
@@ -202,10 +209,13 @@ def main(argv=None) -> dict:
             f"square for the source's own condition, by {mechanism}:", "",
             f"| method | steps | FID | {score_name} own | largest change kept | RMS kept | "
             + ("RMS kept, exact kept latents | " if fam.name == "latent" else "")
+            + ("RMS kept, input's latents kept | " if fam.inpainting else "")
             + "RMS filled to source |",
-            "|---|---|---|---|---|---|---|" + ("---|" if fam.name == "latent" else "")]
+            "|---|---|---|---|---|---|---|" + ("---|" if fam.name == "latent" else "")
+            + ("---|" if fam.inpainting else "")]
   for r in results["inpaint"]:
-    exact = (f"{r['rms_kept_exact_latents']:.3f} | " if "rms_kept_exact_latents" in r else "")
+    exact = "".join(f"{r[k]:.3f} | " for k in ("rms_kept_exact_latents", "rms_kept_input_latents")
+                    if k in r)
     lines.append(f"| {r['method']} | {r['steps']} | {r['fid']:.2f} | {r[score]:.3f} | "
                  f"{r['kept_max_change']:.2g} | {r['rms_kept']:.3f} | {exact}"
                  f"{r['rms_filled']:.3f} |")
@@ -214,7 +224,9 @@ def main(argv=None) -> dict:
               f"{results['autoencoder_rms_kept']:.3f} in the kept region. \"RMS kept, exact kept "
               "latents\": each sample decoded with the source's latents wherever the mask keeps "
               "them (its own filled latents, re-encoded, in the hole): the autoencoder's error "
-              "for that sample."]
+              "for that sample."
+              + (" \"Input's latents kept\": the same with the masked image's latents, the "
+                 "network's input, in those cells." if fam.inpainting else "")]
   table = "\n".join(lines) + "\n"
   (out / "editing.md").write_text(table)
   (out / "editing.json").write_text(json.dumps(dict(
