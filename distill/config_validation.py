@@ -159,6 +159,9 @@ def check_latent(config, stages) -> None:
     latent_family.check_folder(config.teacher.get("pretrained"), config.latent.conditioning)
     kind = latent_family.folder_prediction_type(config.teacher.pretrained)
     inpainting = latent_family.folder_is_inpainting(config.teacher.pretrained)
+  latent_family.check_kept_loss_weight(
+      float(config.latent.get("kept_loss_weight", 1.0)), inpainting=inpainting,
+      where=config.teacher.pretrained or "the teacher (latent.inpainting=False)")
   if inpainting and config.latent.get("cache"):
     where = config.teacher.pretrained or "latent.inpainting=True"
     raise ValueError(f"latent.cache=True: the inpainting teacher ({where}) is trained on a mask "

@@ -9,6 +9,8 @@ evaluation see a teacher only through a ``DenoiserFamily``:
   ``x_hat = α z − σ v̂`` (``denoiser.x_prediction``);
 * the null condition ``null_cond(cond)`` of classifier-free guidance;
 * the teacher's schedule ``logsnr_fn(t)``;
+* ``loss_weights(cond)``: per-element weights of the training losses, or None for equal ones (an
+  inpainting U-Net's kept region, ``latent.kept_loss_weight``);
 * the data: ``prepare_batches(batches, seed=)``, the data pipeline's ``{"image", "label"}``
   batches mapped to what the family trains on (outside the train step; ``seed`` for what it
   draws, such as an inpainting teacher's masks), ``x_and_cond(batch)``, such a

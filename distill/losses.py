@@ -3,7 +3,8 @@
 An *objective* is a pure function ``(params, frozen, batch, key) -> (loss, metrics)``; it is the
 only thing a stage gives the shared training loop (``distill/train.py``). Each sees its teacher
 and student through a denoiser family (``distill/family.py``): the family's networks, schedule,
-null condition and ``batch -> (x, cond)``. ``frozen`` holds what the stage does not train:
+null condition, ``batch -> (x, cond)`` and per-element loss weights (``family.loss_weights``,
+None for the plain means). ``frozen`` holds what the stage does not train:
 ``None`` for the teacher, the teacher's parameters for stage one, and ``{"params":
 teacher_params, "num_student_steps": N}`` for stage two (``N`` as an array, so every halving
 runs the same compiled step).

@@ -154,11 +154,12 @@ class _LinearInpaintingFamily(latent_family.LatentFamily):
     return params["a"] * z + params["b"] * (1.0 + t + 0.1 * w) * cond["masked"]
 
 
-def test_the_kept_loss_weight_weights_the_kept_cells(folder):
+def test_the_kept_loss_weight_weights_the_kept_cells(folder, tmp_path):
   """``latent.kept_loss_weight = k``: every link's per-cell squared errors count k times where the
-  mask keeps the image. Oracle: with the whole image kept each loss is k times the plain one,
-  with the whole image to fill it is the plain one, and in between it is linear in k where the
-  loss is a sum over cells."""
+  mask keeps the image. Oracles: with the whole image kept each loss is k times the plain one,
+  with the whole image to fill it is the plain one, in between it is linear in k where the loss
+  is a sum over cells, and the teacher's ε-loss recomputed by hand; the same kept share in other
+  cells gives another loss (the weights are per cell, not per example)."""
   def fam_with(weight):
     config = _config(folder)
     config.latent.kept_loss_weight = weight
@@ -181,10 +182,11 @@ def test_the_kept_loss_weight_weights_the_kept_cells(folder):
 
   def losses_of(fam, mask):
     batch_m, key = dict(batch, mask=jnp.asarray(mask)), jax.random.key(5)
+    # Condition dropout replaces the context only: the mask, and so the weights, stay.
+    teacher_loss = lambda weighting: losses.teacher_objective(
+        fam, p_uncond=0.5, weighting=weighting)(teacher, None, batch_m, key)[0]
     return np.array([
-        losses.teacher_objective(fam, p_uncond=0.0)(teacher, None, batch_m, key)[0],
-        losses.teacher_objective(fam, p_uncond=0.0, weighting="eps")(teacher, None, batch_m,
-                                                                     key)[0],
+        teacher_loss("snr_trunc"), teacher_loss("eps"), teacher_loss("snr_plus_one"),
         losses.stage_one_objective(fam, **w)(student, teacher, batch_m, key)[0],
         losses.stage_two_objective(fam, **w)(student, two, batch_m, key)[0],
         losses.encoder_objective(fam, **w)(student, two, batch_m, key)[0]])
@@ -202,6 +204,22 @@ def test_the_kept_loss_weight_weights_the_kept_cells(folder):
   # and between the plain loss and k times it.
   np.testing.assert_allclose((mix[2] - mix[0])[1:], 2 * (mix[1] - mix[0])[1:], rtol=1e-4)
   assert np.all(mix[2] > mix[0] * 1.05) and np.all(mix[2] < 3 * mix[0] / 1.05)
+  # The ε-loss by hand (float64): t and ε are the objective's first two keys' draws, ε̂ = σz + αv.
+  k_t, k_eps = jax.random.split(jax.random.key(5), 4)[:2]
+  t = np.asarray(jax.random.uniform(k_t, (b,)), np.float64)
+  eps = np.asarray(jax.random.normal(k_eps, (b,) + shape, jnp.float32), np.float64)
+  lam = np.asarray(fams[0].logsnr_fn(jnp.asarray(t, jnp.float32)), np.float64)[:, None, None, None]
+  alpha, sigma = np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
+  x, m = np.asarray(batch["latents"], np.float64), np.asarray(batch["masked_latents"], np.float64)
+  z = alpha * x + sigma * eps
+  v = teacher["a"] * z + teacher["b"] * (1 + t[:, None, None, None]) * m
+  err = np.square(sigma * z + alpha * v - eps)
+  np.testing.assert_allclose(mix[2][1], np.mean((1 + 2 * (1 - mixed)) * err), rtol=1e-4)
+  # The same kept share per example in other cells: a per-example weight would not see it.
+  moved = np.stack([np.roll(m_b, 1, axis=(0, 1)) for m_b in mixed])
+  assert np.array_equal(moved.sum(axis=(1, 2, 3)), mixed.sum(axis=(1, 2, 3)))
+  np.testing.assert_allclose(losses_of(fams[0], moved), mix[0], rtol=1e-6)  # plain: no mask
+  assert np.all(np.abs(losses_of(fams[2], moved) / mix[2] - 1) > 1e-3)
   # A text-to-image U-Net has no kept region, and a weight must be positive: one line each.
   config = _config(TINY_SD)
   config.latent.kept_loss_weight = 2.0
@@ -210,8 +228,16 @@ def test_the_kept_loss_weight_weights_the_kept_cells(folder):
                                        r"it to 1\.$"):
     latent_family.from_config(config)
   config.latent.kept_loss_weight = 0.0
-  with pytest.raises(ValueError, match=r"^latent\.kept_loss_weight=0 must be > 0"):
+  with pytest.raises(ValueError, match=r"^latent\.kept_loss_weight=0 must be a finite number > 0"):
     latent_family.from_config(config)
+  # A chain refuses it before anything trains (the text-to-image default trains its parts first).
+  for weight, message in ((2.0, r"\(latent\.inpainting=False\) is not one"),
+                          (float("inf"), "must be a finite number")):
+    config = load_config("emoji")
+    config.latent.kept_loss_weight = weight
+    with pytest.raises(ValueError, match=r"^latent\.kept_loss_weight=.*" + message):
+      pipeline.run(config, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_chain_distils_it_and_the_student_inpaints_from_its_condition(folder, tmp_path):

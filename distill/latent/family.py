@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -337,9 +338,7 @@ def _load(path: str, conditioning: str, prompt_template: str, class_names: tuple
                      f"U-Net) or {2 * channels + 1} (an inpainting one: latents, mask, masked "
                      "image).")
   inpaints = cfg.in_channels == 2 * channels + 1
-  if kept_loss_weight != 1.0 and not inpaints:
-    raise ValueError(f"latent.kept_loss_weight={kept_loss_weight:g} weights the kept region of an "
-                     f"inpainting U-Net's loss, and {path}/unet is not one: set it to 1.")
+  check_kept_loss_weight(kept_loss_weight, inpainting=inpaints, where=f"{path}/unet")
   return LatentFamily(models=models, teacher=models.unet, student=student,
                       x_shape=tuple(probe.shape[1:]),
                       teacher_prediction="v_prediction" if v_teacher else models.prediction_type,
@@ -377,11 +376,15 @@ def from_exported(path: str, *, conditioning: str, num_classes: int,
                None, True, False)
 
 
-def _kept_loss_weight(lat) -> float:
-  weight = float(lat.get("kept_loss_weight", 1.0))
-  if not weight > 0:
-    raise ValueError(f"latent.kept_loss_weight={weight:g} must be > 0 (1: equal weights).")
-  return weight
+def check_kept_loss_weight(weight: float, *, inpainting: bool, where: str) -> None:
+  """``latent.kept_loss_weight``: finite and positive, and other than 1 only for an inpainting
+  U-Net (``where`` names the teacher in the message)."""
+  if not (math.isfinite(weight) and weight > 0):
+    raise ValueError(f"latent.kept_loss_weight={weight:g} must be a finite number > 0 (1: equal "
+                     "weights).")
+  if weight != 1.0 and not inpainting:
+    raise ValueError(f"latent.kept_loss_weight={weight:g} weights the kept region of an "
+                     f"inpainting U-Net's loss, and {where} is not one: set it to 1.")
 
 
 def from_config(config, *, shapes_only: bool = False) -> LatentFamily:
@@ -408,5 +411,5 @@ def from_config(config, *, shapes_only: bool = False) -> LatentFamily:
                int(config.data.num_classes), int(lat.w_embedding_dim),
                layout.has_teacher_v(config), shapes_only, str(lat.get("dtype", "float32")),
                bool(lat.get("remat", False)), str(lat.get("attention", "auto")),
-               _kept_loss_weight(lat))
+               float(lat.get("kept_loss_weight", 1.0)))
 

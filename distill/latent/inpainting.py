@@ -71,10 +71,11 @@ def condition(context, mask, masked) -> dict:
 
 def loss_weights(cond, kept_weight: float):
   """Per-latent-cell weights ``[B, h, w, 1]`` of a training loss: ``kept_weight`` where the mask
-  keeps the image, 1 where it is to be filled (``latent.kept_loss_weight``). The network is given
-  the kept cells' latents (through the masked image) and must return them; at weight 1 a small
-  teacher returns them less closely than the masked image's latents are (BENCHMARKS.md, "The
-  inpainting U-Net's kept region")."""
+  keeps the image, 1 where it is to be filled (``latent.kept_loss_weight``). The losses take the
+  mean of the weighted squares, so a weight above 1 also scales an example's loss with its kept
+  share (Adam's steps hardly change with the scale; a clipped gradient norm does). The network is
+  given the kept cells' latents through the masked image and must return them (BENCHMARKS.md,
+  "Inpainting: the kept region's loss weight")."""
   return 1.0 + (float(kept_weight) - 1.0) * (1.0 - jnp.asarray(cond["mask"], jnp.float32))
 
 
