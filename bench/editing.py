@@ -149,10 +149,8 @@ def main(argv=None) -> dict:
       return float(np.sqrt(np.mean((_batched(fam.decode, exact_kept_latents(fam, x, z_kept, mask))
                                     - x_src)[:, mask == 0] ** 2)))
     if fam.inpainting:  # the network's input: the masked image's latents
-      fills = np.broadcast_to(mask, (n,) + mask.shape)
-      z_masked = np.concatenate([np.asarray(fam.encode_images(x_src[i:i + 100],
-                                                              fill_mask=fills[i:i + 100]))
-                                 for i in range(0, n, 100)])
+      z_masked = _batched(lambda xs: fam.encode_images(
+          xs, fill_mask=np.broadcast_to(mask, (len(xs),) + mask.shape)), x_src)
   shown = {}
   # The teacher starts where the first student does (its grid point nearest the strength).
   _, t_start = editing.start_on_grid(args.strength, students[0])
