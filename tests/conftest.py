@@ -5,6 +5,7 @@ cache instead of recompiling; subprocesses inherit it through JAX_COMPILATION_CA
 """
 
 import os
+import shutil
 import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count"
@@ -22,7 +23,21 @@ for _option, _value in (("--xla_backend_optimization_level", "0"),
 import distill  # noqa: E402,F401  (puts its XLA:CPU options into XLA_FLAGS before JAX starts)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="distill-jax-cache-"))
+# One scratch directory per test run, shared by the pytest-xdist workers and the subprocesses
+# (they inherit the environment) and removed when the run ends (`pytest_unconfigure`): the
+# compilation cache, and the temporary files of libraries (tfds leaves an empty directory in the
+# system's temporary directory whenever a builder starts without its data). pytest's own
+# `tmp_path` directories stay where pytest keeps them, for a failed test's inspection.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+if "DISTILL_TEST_SCRATCH" not in os.environ:
+  os.environ["DISTILL_TEST_SCRATCH"] = tempfile.mkdtemp(prefix="distill-tests-")
+  _OWNS_SCRATCH = True
+else:
+  _OWNS_SCRATCH = False
+_SCRATCH = os.environ["DISTILL_TEST_SCRATCH"]
+os.makedirs(os.path.join(_SCRATCH, "tmp"), exist_ok=True)
+os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(_SCRATCH, "tmp")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SCRATCH, "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -34,6 +49,14 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  """The run's scratch directory goes when the process that made it ends (the controller under
+  pytest-xdist, or the one process under ``-n 0``)."""
+  del config
+  if _OWNS_SCRATCH:
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)
