@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -70,16 +72,17 @@ def model_input_shape(config, batch_size: int = 1) -> tuple[int, ...]:
 
 
 def init_params(model: UNet, rng, image_shape):
-  """Initial parameters for inputs of ``image_shape`` (``[B, H, W, C]``), in one compiled call."""
+  """Initial parameters for inputs of ``image_shape`` (``[B, H, W, C]``), in one compiled call
+  (compiled once per model and shape in a process: the module is part of the cache key)."""
+  return _init(rng, model=model, image_shape=tuple(image_shape))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def _init(rng, *, model: UNet, image_shape: tuple[int, ...]):
   b = image_shape[0]
-
-  @jax.jit
-  def init(rng):
-    z = jnp.zeros(image_shape, jnp.float32)
-    w = jnp.zeros((b,), jnp.float32) if model.use_w_embedding else None
-    return model.init(rng, z, jnp.zeros((b,)), jnp.zeros((b,), jnp.int32), w)["params"]
-
-  return init(rng)
+  z = jnp.zeros(image_shape, jnp.float32)
+  w = jnp.zeros((b,), jnp.float32) if model.use_w_embedding else None
+  return model.init(rng, z, jnp.zeros((b,)), jnp.zeros((b,), jnp.int32), w)["params"]
 
 
 def param_count(params) -> int:
