@@ -29,11 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # system's temporary directory whenever a builder starts without its data). pytest's own
 # `tmp_path` directories stay where pytest keeps them, for a failed test's inspection.
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
-if "DISTILL_TEST_SCRATCH" not in os.environ:
+_OWNS_SCRATCH = "DISTILL_TEST_SCRATCH" not in os.environ  # not a pytest-xdist worker's
+if _OWNS_SCRATCH:
   os.environ["DISTILL_TEST_SCRATCH"] = tempfile.mkdtemp(prefix="distill-tests-")
-  _OWNS_SCRATCH = True
-else:
-  _OWNS_SCRATCH = False
 _SCRATCH = os.environ["DISTILL_TEST_SCRATCH"]
 os.makedirs(os.path.join(_SCRATCH, "tmp"), exist_ok=True)
 os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(_SCRATCH, "tmp")
