@@ -4,6 +4,7 @@ Identical programs compiled again (each resumed run builds its train step anew) 
 cache instead of recompiling; subprocesses inherit it through JAX_COMPILATION_CACHE_DIR.
 """
 
+import gc
 import os
 import shutil
 import tempfile
@@ -55,6 +56,17 @@ def pytest_unconfigure(config):
   del config
   if _OWNS_SCRATCH:
     shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+  """What outlives a test (JAX's trace and compile caches, modules, session fixtures: about
+  1.5 million objects in a worker) is moved out of reach of Python's cyclic garbage collector
+  once the test's own garbage is collected. Otherwise every full collection walks all of it
+  again: 9 % of the CPU time of a run of two test files (docs/testing.md)."""
+  del item, nextitem
+  gc.collect()
+  gc.freeze()
 
 
 @pytest.hookimpl(tryfirst=True)
