@@ -1,5 +1,7 @@
 """The U-Net's layers against flax.linen's: same parameters, same outputs, same gradients."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -134,3 +136,28 @@ def test_unet_same_output_and_gradients_as_with_flax_layers(unet_pair):
   (_, out_ref, g_ref), (_, out_ours, g_ours) = unet_pair
   _assert_close_trees(out_ref, out_ours, rtol=1e-5)
   _assert_close_trees(g_ref, g_ours, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("make, name, bad", [
+    (lambda: layers.Dense(3), "kernel", (5, 3)),
+    (lambda: layers.Conv(3, (3, 3)), "bias", (4,)),
+    (lambda: layers.GroupNorm(2), "scale", (2,)),
+])
+def test_parameters_of_another_shape_are_refused(make, name, bad):
+  """Existing parameters are read without flax's re-trace of their initialiser; the shape check
+  that re-trace made is kept, naming the parameter."""
+  x = jnp.ones((2, 4, 4, 4))
+  module = make()
+  params = module.init(jax.random.key(0), x)["params"]
+  assert np.isfinite(module.apply({"params": params}, x)).all()
+  wrong = dict(params, **{name: jnp.zeros(bad)})
+  with pytest.raises(ValueError, match=rf"^parameter {name} has shape {re.escape(str(bad))}, "
+                                       r"this model's has \(.*\): parameters of another model"):
+    module.apply({"params": wrong}, x)
+  # Inside a model the parameter's path is named.
+  wrapped = nn.Sequential([make()])
+  nested = wrapped.init(jax.random.key(0), x)["params"]
+  nested["layers_0"] = dict(nested["layers_0"], **{name: jnp.zeros(bad)})
+  with pytest.raises(ValueError, match=rf"^parameter layers_0/{name} has shape"):
+    wrapped.apply({"params": nested}, x)

@@ -134,6 +134,20 @@ def _group_norm_bwd(num_groups, epsilon, res, dy):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def param(module: nn.Module, name: str, init, shape: Sequence[int]):
+  """``module.param(name, init, shape, float32)``. A parameter that exists (in every ``apply``) is
+  read and its shape compared with ``shape``; flax's ``param`` makes the same check by tracing
+  ``init`` again, for every parameter of every traced call."""
+  if not module.has_variable("params", name):
+    return module.param(name, init, tuple(shape), _F32)
+  value = module.get_variable("params", name)
+  if tuple(value.shape) != tuple(shape):
+    raise ValueError(f"parameter {'/'.join((*module.scope.path, name))} has shape "
+                     f"{tuple(value.shape)}, this model's has {tuple(shape)}: parameters of "
+                     "another model (another config?).")
+  return value
+
+
 class GroupNorm(nn.Module):
   """``flax.linen.GroupNorm(num_groups)`` over ``[N, ..., C]``: parameters ``scale``, ``bias``."""
   num_groups: int = 32
@@ -146,8 +160,8 @@ class GroupNorm(nn.Module):
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: num_groups={self.num_groups} must divide the channel count "
                        f"{c}; choose model.num_groups dividing every width ch * ch_mult.")
-    scale = self.param("scale", nn.initializers.ones, (c,), _F32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), _F32)
+    scale = param(self, "scale", nn.initializers.ones, (c,))
+    bias = param(self, "bias", nn.initializers.zeros, (c,))
     y = group_norm(x.reshape(x.shape[0], -1, c), scale, bias, self.num_groups, self.epsilon)
     return y.reshape(x.shape).astype(self.dtype or jnp.result_type(x, _F32))
 
@@ -160,8 +174,8 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), _F32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), _F32)
+    kernel = param(self, "kernel", self.kernel_init, (x.shape[-1], self.features))
+    bias = param(self, "bias", nn.initializers.zeros, (self.features,))
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
                             (((x.ndim - 1,), (0,)), ((), ())))
@@ -179,8 +193,8 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     shape = (*self.kernel_size, x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, _F32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), _F32)
+    kernel = param(self, "kernel", self.kernel_init, shape)
+    bias = param(self, "bias", nn.initializers.zeros, (self.features,))
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), tuple(self.strides),
                                      "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
