@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from distill import models, schedules
+from distill import models, network, schedules
 
 
 class DenoiserFamily(Protocol):
@@ -92,7 +92,7 @@ class PixelFamily:
         teacher_params, models.init_params(self.student, rng, (1,) + self.x_shape))
 
   def v_hat(self, net, params, z, t, cond, w=None, *, train: bool = False, rngs=None):
-    return net.apply({"params": params}, z, self.logsnr_fn(t), cond, w, train=train, rngs=rngs)
+    return network.apply(net, params, z, self.logsnr_fn(t), cond, w, train=train, rngs=rngs)
 
   def null_cond(self, cond):
     return jnp.full(jnp.shape(cond), self.teacher.null_label, jnp.int32)

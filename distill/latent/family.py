@@ -39,7 +39,7 @@ import numpy as np
 from etils import epath
 
 from distill import attention as attention_ops
-from distill import diffusion, layout
+from distill import diffusion, layout, network
 from distill.latent import inpainting, layers, pretrained, unet, vae
 
 CONDITIONINGS = ("class", "text")
@@ -116,7 +116,7 @@ class LatentFamily:
       z_in, context = inpainting.unet_input(z, cond), cond["context"]
     else:
       z_in, context = z, cond
-    out = net.apply({"params": params}, z_in, self.schedule.timestep(t), context, **extra)
+    out = network.apply(net, params, z_in, self.schedule.timestep(t), context, **extra)
     kind = "v_prediction" if w is not None else self.teacher_prediction
     return _v_from_prediction(z, out.astype(z.dtype), self.schedule.logsnr(t), kind)
 

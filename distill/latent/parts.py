@@ -29,6 +29,7 @@ text tower as ``text_encoder/`` with ``tokenizer/``, the ``scheduler/`` of ``lat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -40,7 +41,7 @@ import optax
 from etils import epath
 from safetensors.numpy import load_file, save_file
 
-from distill import files, input_pipeline
+from distill import files, input_pipeline, network
 from distill.latent import clip, clip_loader, export, unet, vae
 from distill.latent import tokenizer as tokenizer_lib
 
@@ -262,8 +263,8 @@ def write_part(config, workdir, name: str, params) -> epath.Path:
 def _export_autoencoder(config, workdir, params) -> epath.Path:
   cfg = vae_config(config)
   model = vae.AutoencoderKL(cfg)
-  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=vae.AutoencoderKL.encode)[0])
-  decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=vae.AutoencoderKL.decode))
+  encode = lambda p, x: network.apply(model, p, x, method="encode")[0]
+  decode = functools.partial(network.apply, model, method="decode")
   train = input_pipeline.source(config.data, "train")
   images = np.stack([train[i]["image"] for i in range(min(_SCALING_IMAGES, len(train)))])
   latents = np.concatenate([np.asarray(encode(params, images[i:i + 128]))

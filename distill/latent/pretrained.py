@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from distill import network
 from distill.latent import clip, teacher, unet, vae, weights
 from distill.latent import schedule as schedule_lib
 from distill.latent import tokenizer as tokenizer_lib
@@ -33,9 +34,19 @@ def _config(folder: epath.Path, name: str = "config.json") -> dict:
   return json.loads(path.read_text())
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_params(module, arg_specs: tuple) -> Any:
+  """The parameters' shapes and dtypes of ``module`` (a hashable Flax module) initialised on
+  arguments of ``arg_specs`` (``(shape, dtype)`` pairs): traced once per module and process, not
+  once per load."""
+  args = [jnp.zeros(shape, dtype) for shape, dtype in arg_specs]
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+
+
 def _load_params(module, example_args, folder, what, variant, key_prefix: str = "", *,
                  shapes_only: bool = False):
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))["params"]
+  abstract = jax.tree.map(lambda leaf: leaf, _abstract_params(  # a copy of the cached tree
+      module, tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in example_args)))
   if shapes_only:  # the parameters' shapes and dtypes: no weight file is read
     return abstract
   tensors = weights.read_safetensors(weights.safetensors_files(folder, variant))
@@ -129,24 +140,24 @@ class LatentModels:
 
   @functools.cached_property
   def _unet_fn(self):
-    return jax.jit(lambda p, x, t, c, extra: self.unet.apply({"params": p}, x, t, c, **extra))
+    return lambda p, x, t, c, extra: network.apply(self.unet, p, x, t, c, **extra)
 
   @functools.cached_property
   def _text_fn(self):
-    return jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
+    return functools.partial(network.apply, self.text_encoder)
 
   @functools.cached_property
   def _encode_fn(self):
-    return jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=vae.AutoencoderKL.encode))
+    return functools.partial(network.apply, self.vae, method="encode")
 
   @functools.cached_property
   def _decode_fn(self):
-    return jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=vae.AutoencoderKL.decode))
+    return functools.partial(network.apply, self.vae, method="decode")
 
   @functools.cached_property
   def _vq_fns(self):
-    enc = jax.jit(lambda p, x: self.vqvae.apply({"params": p}, x, method=vae.VQModel.encode))
-    dec = jax.jit(lambda p, z: self.vqvae.apply({"params": p}, z, method=vae.VQModel.decode))
+    enc = functools.partial(network.apply, self.vqvae, method="encode")
+    dec = functools.partial(network.apply, self.vqvae, method="decode")
     return enc, dec
 
   def _first_stage(self):
