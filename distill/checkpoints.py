@@ -14,8 +14,11 @@ config builds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +226,34 @@ def _quiet_step_metadata(record) -> bool:
   return "Metadata file does not exist" not in record.getMessage()
 
 
+def _stored_shapes(directory: epath.Path) -> dict[str, dict[str, tuple]]:
+  """``{key: {parameter path: shape}}`` of a checkpoint's state. Orbax's metadata of every array
+  (the optimiser state's too) takes about a millisecond per array to read, so on a local disk
+  it is read once per finished checkpoint and process (keyed by the directory's modification
+  time: a checkpoint written again at the same step is read again)."""
+  local = os.path.isdir(str(directory))
+  if local:
+    return _stored_shapes_cached(str(directory), os.stat(str(directory)).st_mtime_ns)
+  return _read_stored_shapes(directory)
+
+
+@functools.lru_cache(maxsize=64)
+def _stored_shapes_cached(directory: str, mtime_ns: int) -> dict[str, dict[str, tuple]]:
+  del mtime_ns  # part of the cache key only
+  return _read_stored_shapes(epath.Path(directory))
+
+
+def _read_stored_shapes(directory: epath.Path) -> dict[str, dict[str, tuple]]:
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_quiet_step_metadata)  # the step's metadata sits one level up: expected
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+  finally:
+    absl_logger.removeFilter(_quiet_step_metadata)
+  return {key: _shapes(dict(value)) if isinstance(value, Mapping) else {}
+          for key, value in metadata.items()}
+
+
 def read_params(path, abstract_params, *, key: str = "ema_params", what: str = "teacher"):
   """Reads ``state[key]`` of a checkpoint into the shapes and shardings of ``abstract_params``.
 
@@ -230,16 +261,11 @@ def read_params(path, abstract_params, *, key: str = "ema_params", what: str = "
   of another shape, before reading any array.
   """
   directory, step = state_dir(path)
-  absl_logger = logging.getLogger("absl")
-  absl_logger.addFilter(_quiet_step_metadata)  # the step's metadata sits one level up: expected
-  try:
-    metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
-  finally:
-    absl_logger.removeFilter(_quiet_step_metadata)
-  if key not in metadata:
+  stored = _stored_shapes(directory)
+  if key not in stored:
     raise ValueError(f"{what} checkpoint {str(directory)!r} has no {key!r}: it was not written "
                      "by distill's training loop.")
-  found, expected = _shapes(dict(metadata[key])), _shapes(abstract_params)
+  found, expected = stored[key], _shapes(abstract_params)
   for name in sorted(set(found) | set(expected)):
     if found.get(name) != expected.get(name):
       raise ValueError(

@@ -282,6 +282,39 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(last))
 
 
+
+def test_a_checkpoints_shapes_are_read_once_and_again_when_it_is_rewritten(tmp_path,
+                                                                           monkeypatch):
+  """``read_params`` reads a checkpoint's array metadata once per process; a checkpoint deleted
+  and written again at the same step, with other shapes, is checked against its new shapes."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  tx, _ = train.make_optimizer(tiny_config().teacher)
+  mesh = sharding.make_mesh(1)
+  reads = []
+  real = checkpoints._read_stored_shapes  # pylint: disable=protected-access
+  monkeypatch.setattr(checkpoints, "_read_stored_shapes", lambda d: reads.append(d) or real(d))
+
+  def save(params):
+    ckpts = checkpoints.Checkpoints(tmp_path / "checkpoints")
+    ckpts.save(1, train.init_state(params, tx), tiny_config())
+    ckpts.wait()
+    ckpts.close()
+    return train.abstract_state(lambda: train.init_state(params, tx), mesh).ema_params
+
+  small = save({"w": jnp.arange(3.0)})
+  for _ in range(2):
+    _, got = checkpoints.read_params(tmp_path / "checkpoints", small)
+    np.testing.assert_array_equal(got["w"], np.arange(3.0))
+  assert len(reads) == 1
+  shutil.rmtree(tmp_path / "checkpoints" / "1")
+  large = save({"w": jnp.arange(4.0)})
+  with pytest.raises(ValueError, match=r"does not match the model config at parameter w: "
+                                       r"checkpoint shape \(4,\) vs config shape \(3,\)"):
+    checkpoints.read_params(tmp_path / "checkpoints", small)
+  np.testing.assert_array_equal(checkpoints.read_params(tmp_path / "checkpoints", large)[1]["w"],
+                                np.arange(4.0))
+  assert len(reads) == 2
+
 def test_checkpoint_refuses_a_non_finite_state(tmp_path):
   """No checkpoint ever holds NaN or inf: ``save`` raises and leaves no step directory."""
   tx, _ = train.make_optimizer(tiny_config().teacher)
