@@ -3,13 +3,13 @@ shapes and process.
 
 Every network evaluation of the families' ``v_hat``, and the latent models' encoders and
 decoders, go through one jitted function whose static arguments are the network (a hashable Flax
-module) and its method. Inside a train step or a sampler this
-is a nested ``jit``: JAX reuses its traced program wherever the same network is applied to
-inputs of the same shapes again (the teacher's two DDIM steps of a stage-two target, the next
-link's or the next test's train step, every sampler of the eval stage) instead of tracing the
-network again; XLA inlines the call, so the compiled program computes the same thing. Called
-outside a trace, it is one compiled program per network, method and input shapes in a process,
-shared by every object that holds the same network.
+module) and its method. Inside a train step or a sampler this is a nested ``jit``: JAX reuses its
+traced program wherever the same network is applied to inputs of the same shapes again (the
+teacher's two DDIM steps of a stage-two target, the next link's or the next test's train step,
+every sampler of the eval stage) instead of tracing the network again. XLA inlines the call, so
+the compiled program computes the same function. Called outside a trace, it is one compiled
+program per network, method and input shapes in a process, shared by every object that holds
+the same network.
 """
 
 from __future__ import annotations

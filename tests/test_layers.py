@@ -138,7 +138,6 @@ def test_unet_same_output_and_gradients_as_with_flax_layers(unet_pair):
   _assert_close_trees(g_ref, g_ours, rtol=1e-4)
 
 
-
 @pytest.mark.parametrize("make, name, bad", [
     (lambda: layers.Dense(3), "kernel", (5, 3)),
     (lambda: layers.Conv(3, (3, 3)), "bias", (4,)),

@@ -282,7 +282,6 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(last))
 
 
-
 def test_a_checkpoints_shapes_are_read_once_and_again_when_it_is_rewritten(tmp_path,
                                                                            monkeypatch):
   """``read_params`` reads a checkpoint's array metadata once per process; a checkpoint deleted
