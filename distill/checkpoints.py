@@ -231,10 +231,9 @@ def _stored_shapes(directory: epath.Path) -> dict[str, dict[str, tuple]]:
   (the optimiser state's too) takes about a millisecond per array to read, so on a local disk
   it is read once per finished checkpoint and process (keyed by the directory's modification
   time: a checkpoint written again at the same step is read again)."""
-  local = os.path.isdir(str(directory))
-  if local:
+  if os.path.isdir(str(directory)):
     return _stored_shapes_cached(str(directory), os.stat(str(directory)).st_mtime_ns)
-  return _read_stored_shapes(directory)
+  return _read_stored_shapes(directory)  # gs:// and other remote paths: read each time
 
 
 @functools.lru_cache(maxsize=64)

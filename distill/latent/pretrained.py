@@ -138,28 +138,6 @@ class LatentModels:
     if getattr(self, part) is None:
       raise ValueError(f"{self.path} has no {part}/ part.")
 
-  @functools.cached_property
-  def _unet_fn(self):
-    return lambda p, x, t, c, extra: network.apply(self.unet, p, x, t, c, **extra)
-
-  @functools.cached_property
-  def _text_fn(self):
-    return functools.partial(network.apply, self.text_encoder)
-
-  @functools.cached_property
-  def _encode_fn(self):
-    return functools.partial(network.apply, self.vae, method="encode")
-
-  @functools.cached_property
-  def _decode_fn(self):
-    return functools.partial(network.apply, self.vae, method="decode")
-
-  @functools.cached_property
-  def _vq_fns(self):
-    enc = functools.partial(network.apply, self.vqvae, method="encode")
-    dec = functools.partial(network.apply, self.vqvae, method="decode")
-    return enc, dec
-
   def _first_stage(self):
     if self.vae is None and self.vqvae is None:
       raise ValueError(f"{self.path} has no vae/ or vqvae/ part.")
@@ -169,7 +147,8 @@ class LatentModels:
     """``[B, 77, D]``: CLIP ``last_hidden_state`` of the padded prompts (SD's context)."""
     self._need("tokenizer")
     self._need("text_encoder")
-    return self._text_fn(self.text_encoder_params, jnp.asarray(self.tokenizer(prompts)))
+    return network.apply(self.text_encoder, self.text_encoder_params,
+                         jnp.asarray(self.tokenizer(prompts)))
 
   def encode_image(self, images, rng=None) -> jax.Array:
     """NHWC images in [−1, 1] → ``scaling_factor``·latents: the KL encoder's mean (a draw if
@@ -177,8 +156,8 @@ class LatentModels:
     scale = self._first_stage().scaling_factor
     images = jnp.asarray(images, jnp.float32)
     if self.vae is None:
-      return scale * self._vq_fns[0](self.vqvae_params, images)
-    mean, logvar = self._encode_fn(self.vae_params, images)
+      return scale * network.apply(self.vqvae, self.vqvae_params, images, method="encode")
+    mean, logvar = network.apply(self.vae, self.vae_params, images, method="encode")
     z = mean if rng is None else vae.sample_latents(mean, logvar, rng)
     return scale * z
 
@@ -186,8 +165,8 @@ class LatentModels:
     """Scaled latents → NHWC images (about [−1, 1]); a VQ first stage quantises first."""
     latents = jnp.asarray(latents, jnp.float32) / self._first_stage().scaling_factor
     if self.vae is None:
-      return self._vq_fns[1](self.vqvae_params, latents)
-    return self._decode_fn(self.vae_params, latents)
+      return network.apply(self.vqvae, self.vqvae_params, latents, method="decode")
+    return network.apply(self.vae, self.vae_params, latents, method="decode")
 
   def encode_class(self, labels) -> jax.Array:
     """Class labels → the one-token context ``[B, 1, D]`` of a class-conditional LDM."""
@@ -200,8 +179,8 @@ class LatentModels:
     self._need("unet")
     b = latents.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
-    return self._unet_fn(self.unet_params, jnp.asarray(latents, jnp.float32), t,
-                         jnp.asarray(context, jnp.float32), extra)
+    return network.apply(self.unet, self.unet_params, jnp.asarray(latents, jnp.float32), t,
+                         jnp.asarray(context, jnp.float32), **extra)
 
   def denoise_fn(self, context, **extra):
     """Our ``denoise_fn(z, t) -> x̂`` for the U-Net teacher on the folder's schedule."""
