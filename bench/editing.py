@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
 
   extract, info = features.make_extractor(config, workdir)
-  ref = features.real_stats(config, extract, "train", pathlib.Path(workdir) / "report")
+  ref = features.real_reference(config, extract, pathlib.Path(workdir) / "report")
   captioned = input_pipeline.captioned(config.data)
   clip = clip_loader.load(config.eval.clip_model) if captioned else None
   teacher = sample.load_model(workdir, "teacher", config=config)
@@ -109,11 +109,9 @@ def main(argv=None) -> dict:
              else (conds + 1) % config.data.num_classes)
   mask = _centre_mask(x_src.shape[1:3], args.mask_fraction)
 
-  real = features.real_features(config, extract, "train", config.eval.pr_samples)
-
   def scores(x, cond):
     """The eval stage's metrics of a cell (``evaluate.cell_metrics``), toward ``cond``."""
-    m = evaluate.cell_metrics(extract, x, None if captioned else cond, ref, real,
+    m = evaluate.cell_metrics(extract, x, None if captioned else cond, ref,
                               pr_samples=int(config.eval.pr_samples),
                               class_accuracy=not captioned, clip=clip,
                               prompts=cond if captioned else None)

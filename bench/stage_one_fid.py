@@ -62,9 +62,7 @@ def main(argv=None) -> list[dict]:
   config = layout.fill_trained_parts(config, args.workdir)
   reference = args.reference or args.workdir
   extract, _ = features.make_extractor(config, reference)
-  ref_stats = features.real_stats(config, extract, "train",
-                                  pathlib.Path(reference) / "report")
-  real = features.real_features(config, extract, "train", int(config.eval.pr_samples))
+  ref = features.real_reference(config, extract, pathlib.Path(reference) / "report")
   fam = family.of(config)
   abstract = layout.abstract_params(fam, "stage_one", sharding.make_mesh(1))
   directory = pathlib.Path(args.workdir) / "stage_one" / "checkpoints"
@@ -96,7 +94,7 @@ def main(argv=None) -> list[dict]:
                           labels=labels, prompts=prompts, w=np.full(n, w), seed=0,
                           batch_size=int(config.eval.batch_size))
       result = evaluate.metrics_of(evaluate.sample_arrays(extract, x, clip=clip), labels,
-                                   ref_stats, real, pr_samples=int(config.eval.pr_samples),
+                                   ref, pr_samples=int(config.eval.pr_samples),
                                    class_accuracy=not captioned, text_embeddings=text)
       rows.append({"step": step, "w": w, "fid": result["fid"],
                    "clip_score": result["clip_score"]})

@@ -59,8 +59,7 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
 
   extract, info = features.make_extractor(config, workdir)
-  ref = features.real_stats(config, extract, "train", pathlib.Path(workdir) / "report")
-  real = features.real_features(config, extract, "train", config.eval.pr_samples)
+  ref = features.real_reference(config, extract, pathlib.Path(workdir) / "report")
   captioned = input_pipeline.captioned(config.data)
   clip = clip_loader.load(config.eval.clip_model) if captioned else None
   x_src, conds = common.held_out_sources(config,
@@ -71,7 +70,7 @@ def main(argv=None) -> dict:
   key = "prompts" if captioned else "labels"
 
   def score(x, cond) -> dict:
-    m = evaluate.cell_metrics(extract, x, None if captioned else cond, ref, real,
+    m = evaluate.cell_metrics(extract, x, None if captioned else cond, ref,
                               pr_samples=int(config.eval.pr_samples),
                               class_accuracy=not captioned, clip=clip,
                               prompts=cond if captioned else None)

@@ -45,6 +45,16 @@ def test_sampling_quick_smoke(capsys, warmup):
   assert len(printed) == 5 and printed[4].startswith("| digits | 8 | ")  # the speed-up row
 
 
+def test_eval_metrics_quick_smoke(capsys):
+  """Smoke run (the script only times; that a ``Reference`` gives the metrics computed from
+  scratch is tests/test_metrics.py's check against scipy and a brute-force count)."""
+  result = _script("eval_metrics").main(["--quick"])
+  assert list(result["rows"]) == ["per cell from scratch", "against the reference"]
+  out = capsys.readouterr().out
+  assert "| 256 | 500 | against the reference |" in out
+  assert "| 256 | 500 | the reference itself, once per evaluation |" in out
+
+
 def test_train_step_flops_quick(capsys):
   """The stages' FLOPs against each other, from the lowered programs (``--flops_only``: the six
   compiles of the timed mode would take a minute; its timing is ``common.round_robin``, which

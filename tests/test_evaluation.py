@@ -12,7 +12,7 @@ from PIL import Image
 
 from distill import images, pipeline
 from distill.config_utils import load_config
-from distill.evaluation import digits_classifier, evaluate
+from distill.evaluation import digits_classifier, evaluate, metrics
 
 
 def test_digits_classifier_is_deterministic_by_seed(tmp_path):
@@ -120,9 +120,10 @@ def test_eval_validation(tmp_path, field, value, message):
     config_validation.validate(config, tmp_path, num_devices=1)
 
 
-def test_eval_with_inception_on_mock_cifar10(tmp_path, random_inception_weights):
+def test_eval_with_inception_on_mock_cifar10(tmp_path, random_inception_weights, monkeypatch):
   """The eval stage on a tfds data set with the FID Inception (random weights, same layout):
-  teacher-only rows when no students were trained."""
+  teacher-only rows when no students were trained. The real features' k-NN radii are computed
+  once for every cell (``metrics.Reference``); each cell computes its own samples'."""
   config = load_config("cifar10:runlocal")
   config.num_devices = 1
   config.stages = "teacher,eval"
@@ -131,11 +132,15 @@ def test_eval_with_inception_on_mock_cifar10(tmp_path, random_inception_weights)
   config.eval.update(dict(w_values=(0.0,), seeds=(0,), num_samples=10, teacher_steps=2,
                           ddim_steps=(1,), dpm_solver_steps=(), batch_size=10,
                           reference_samples=10, pr_samples=10))
+  radii = []
+  knn_radii = metrics.knn_radii
+  monkeypatch.setattr(metrics, "knn_radii", lambda f, k: radii.append(len(f)) or knn_radii(f, k))
   with tfds.testing.mock_data(num_examples=40):
     pipeline.run(config, tmp_path)
   with open(tmp_path / "report" / "table.csv") as f:
     rows = list(csv.DictReader(f))
   assert {(r["method"], r["steps"]) for r in rows} == {("teacher", "2"), ("ddim", "1")}
+  assert len(radii) == 1 + len(rows)
   # Random weights, but features that tell images apart: samples of a 6-step teacher are far
   # from the data.
   assert all(np.isfinite(float(r["fid_mean"])) and float(r["fid_mean"]) > 0 for r in rows), rows

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial.distance
 
-from distill.evaluation import FeatureStats, frechet_distance, inception_score, precision_recall
+from distill.evaluation import (FeatureStats, Reference, frechet_distance, frechet_distance_to,
+                                inception_score, precision_recall, precision_recall_to)
 
 
 def test_frechet_distance_of_commuting_gaussians_is_the_closed_form():
@@ -59,6 +61,33 @@ def test_precision_recall_on_point_clouds_with_known_overlap():
   left = rng.uniform([0.0, 0.0], [0.5, 1.0], size=(1000, 2))
   precision, recall = precision_recall(real, left, k=3)
   assert precision > 0.97 and recall == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_reference_gives_the_metrics_of_its_real_data():
+  """FID against a ``Reference`` (its covariance's root computed once) is scipy's, with the real
+  data as either Gaussian; precision and recall against it are a brute-force count: a point is
+  inside a set's manifold if it lies within some member's distance to that member's k-th nearest
+  neighbour in the set."""
+  rng = np.random.default_rng(2)
+  x, y = rng.normal(size=(8, 8)), rng.normal(size=(3, 8))  # the cell's covariance is rank 3
+  s_real, s_cell = x @ x.T / 8, y.T @ y / 3
+  mu_real, mu_cell = rng.normal(size=8), rng.normal(size=8)
+  real, fake = rng.normal(size=(300, 8)), rng.normal(1.2, 1.0, size=(200, 8))
+  reference = Reference.of(mu_real, s_real, real, k=3)
+  expected = (np.sum((mu_real - mu_cell) ** 2) +
+              np.trace(s_real + s_cell - 2 * scipy.linalg.sqrtm(s_cell @ s_real).real))
+  assert frechet_distance_to(reference, mu_cell, s_cell) == pytest.approx(expected, rel=1e-6)
+  with pytest.raises(ValueError, match="shapes differ"):
+    frechet_distance_to(reference, np.zeros(3), np.eye(3))
+
+  def inside(points, centres, k):
+    radii = np.sort(scipy.spatial.distance.cdist(centres, centres), axis=1)[:, k]
+    return np.mean(np.any(scipy.spatial.distance.cdist(points, centres) <= radii, axis=1))
+
+  want = (inside(fake, real, 3), inside(real, fake, 3))
+  assert 0.1 < want[0] < 0.9 and 0.1 < want[1] < 0.9  # neither count is trivial
+  assert precision_recall_to(reference, fake) == pytest.approx(want, abs=1e-12)
+  assert precision_recall(real, fake, k=3) == pytest.approx(want, abs=1e-12)
 
 
 def test_feature_stats_accumulate_in_batches(tmp_path):

@@ -1,6 +1,8 @@
 """Evaluation: FID, Inception Score, precision/recall, feature extractors and the report."""
 
-from distill.evaluation.metrics import (FeatureStats, frechet_distance, inception_score,
-                                        precision_recall)
+from distill.evaluation.metrics import (FeatureStats, Reference, frechet_distance,
+                                        frechet_distance_to, inception_score, precision_recall,
+                                        precision_recall_to)
 
-__all__ = ["FeatureStats", "frechet_distance", "inception_score", "precision_recall"]
+__all__ = ["FeatureStats", "Reference", "frechet_distance", "frechet_distance_to",
+           "inception_score", "precision_recall", "precision_recall_to"]

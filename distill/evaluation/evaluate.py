@@ -149,33 +149,34 @@ def sample_arrays(extract, x, *, clip=None) -> dict:
                          clip_score.image_embeddings(clip, x))}
 
 
-def metrics_of(arrays: dict, labels, ref_stats, real_feats, *, pr_samples: int,
+def metrics_of(arrays: dict, labels, reference: metrics.Reference, *, pr_samples: int,
                class_accuracy: bool = True, text_embeddings=None) -> dict:
-  """The metrics of one cell from its per-sample ``arrays`` (``sample_arrays``);
-  ``text_embeddings`` of the samples' prompts add the CLIP score."""
+  """The metrics of one cell from its per-sample ``arrays`` (``sample_arrays``) against the
+  real data's ``reference`` (``features.real_reference``); ``text_embeddings`` of the samples'
+  prompts add the CLIP score."""
   feats, probs = arrays["features"], arrays["probs"]
   stats = metrics.FeatureStats(feats.shape[1])
   stats.update(feats)
-  mu, sigma, _ = ref_stats
   is_mean = (None if probs is None else
              metrics.inception_score(probs, num_splits=min(10, len(probs)))[0])
-  precision, recall = metrics.precision_recall(real_feats[:pr_samples], feats[:pr_samples])
+  precision, recall = metrics.precision_recall_to(reference, feats[:pr_samples])
   accuracy = (float(np.mean(np.argmax(probs, axis=1) == labels))
               if class_accuracy and probs is not None else None)
   score = (float(np.mean(clip_score.score_from_embeddings(arrays["clip_image"], text_embeddings)))
            if arrays.get("clip_image") is not None and text_embeddings is not None else None)
-  return {"fid": metrics.frechet_distance(stats.mean, stats.cov, mu, sigma), "is": is_mean,
+  return {"fid": metrics.frechet_distance_to(reference, stats.mean, stats.cov), "is": is_mean,
           "class_accuracy": accuracy, "clip_score": score, "precision": precision,
           "recall": recall, "num_samples": int(len(feats))}
 
 
-def cell_metrics(extract, x, labels, ref_stats, real_feats, *, pr_samples: int,
+def cell_metrics(extract, x, labels, reference: metrics.Reference, *, pr_samples: int,
                  class_accuracy: bool = True, clip=None, prompts=None) -> dict:
-  """The metrics of one cell's samples ``x``; ``clip`` and ``prompts`` add the CLIP score."""
+  """The metrics of one cell's samples ``x`` against ``reference``; ``clip`` and ``prompts``
+  add the CLIP score."""
   with_score = clip is not None and prompts is not None
   text = clip_score.text_embeddings(clip, prompts) if with_score else None
   return metrics_of(sample_arrays(extract, x, clip=clip if with_score else None), labels,
-                    ref_stats, real_feats, pr_samples=pr_samples,
+                    reference, pr_samples=pr_samples,
                     class_accuracy=class_accuracy, text_embeddings=text)
 
 
@@ -191,10 +192,9 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
   mesh = mesh or sharding.make_mesh(1)
   writer = processes.is_writer()
   extract, info = features.make_extractor(config, workdir)
-  ref_stats = features.real_stats(config, extract, "train", out)
-  real_train = features.real_features(config, extract, "train", config.eval.pr_samples)
+  reference = features.real_reference(config, extract, out)  # every cell's, computed once
   held_out = features.real_stats(config, extract, "held_out", out)
-  floor = {"fid": metrics.frechet_distance(held_out[0], held_out[1], ref_stats[0], ref_stats[1]),
+  floor = {"fid": metrics.frechet_distance_to(reference, held_out[0], held_out[1]),
            "num_samples": held_out[2]}
   captioned = input_pipeline.captioned(config.data)
   prompts = eval_prompts(config) if captioned else None
@@ -224,7 +224,7 @@ def run(config, workdir, *, mesh=None) -> epath.Path:
     drawn, total = drawn + arrays["drawn"], total + len(arrays["features"])
     if not writer:
       continue
-    result = metrics_of(arrays, arrays["labels"], ref_stats, real_train,
+    result = metrics_of(arrays, arrays["labels"], reference,
                         pr_samples=int(config.eval.pr_samples),
                         class_accuracy=info["class_accuracy"], text_embeddings=text)
     result.update(dataclasses.asdict(cell), nfe=cell.nfe, seconds=round(time.time() - t0, 1))

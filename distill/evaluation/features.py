@@ -20,7 +20,7 @@ from etils import epath
 
 from distill import input_pipeline, processes
 from distill.latent import clip_loader
-from distill.evaluation import clip_score, digits_classifier, inception
+from distill.evaluation import clip_score, digits_classifier, inception, metrics
 from distill.evaluation.metrics import FeatureStats
 
 Extractor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
@@ -91,3 +91,11 @@ def real_stats(config, extract: Extractor, split: str, directory) -> tuple:
   if processes.is_writer():
     stats.save(path)
   return stats.mean, stats.cov, stats.count
+
+
+def real_reference(config, extract: Extractor, directory) -> metrics.Reference:
+  """The training split's side of every cell's metrics (``metrics.Reference``): its statistics
+  (``real_stats``) and the features of its first ``eval.pr_samples`` images."""
+  mu, sigma, _ = real_stats(config, extract, "train", directory)
+  return metrics.Reference.of(mu, sigma, real_features(config, extract, "train",
+                                                       int(config.eval.pr_samples)))

@@ -11,10 +11,15 @@
   samples inside the generated one.
 * ``FeatureStats`` accumulates mean and covariance batch by batch (float64 sums), so 50k samples
   never sit in memory at once; ``save``/``load`` cache reference statistics as ``.npz``.
+* ``Reference`` holds the real data's side of both, computed once per evaluation and shared by
+  every cell: its covariance's square root (FID) and its k-NN radii (precision). Against it,
+  ``frechet_distance_to`` and ``precision_recall_to`` give what ``frechet_distance`` and
+  ``precision_recall`` give, with one eigendecomposition and one radius pass less per cell.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -28,19 +33,29 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
   return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-  """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (float64)."""
+def _statistics(mu1, sigma1, mu2, sigma2) -> tuple[np.ndarray, ...]:
+  """Both Gaussians' statistics in float64, checked to be of the same features."""
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma "
                      f"{sigma1.shape} vs {sigma2.shape}; pass statistics of the same features.")
-  root1 = _psd_sqrt(sigma1)
+  return mu1, sigma1, mu2, sigma2
+
+
+def _frechet(mu1, sigma1, root1, mu2, sigma2) -> float:
+  """The Fréchet distance, given ``root1 = Σ₁^½``."""
   inner = root1 @ sigma2 @ root1
   trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None)))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (float64)."""
+  mu1, sigma1, mu2, sigma2 = _statistics(mu1, sigma1, mu2, sigma2)
+  return _frechet(mu1, sigma1, _psd_sqrt(sigma1), mu2, sigma2)
 
 
 def inception_score(probs, num_splits: int = 10) -> tuple[float, float]:
@@ -83,13 +98,47 @@ def _coverage(points, centres, radii) -> float:
   return inside / len(points)
 
 
+def _precision_recall(real, real_radii, fake, k: int) -> tuple[float, float]:
+  return _coverage(fake, real, real_radii), _coverage(real, fake, knn_radii(fake, k))
+
+
 def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, float]:
   """Improved precision and recall (Kynkäänniemi et al., 2019) with k-NN radii."""
   real = np.asarray(real_features, np.float64)
-  fake = np.asarray(fake_features, np.float64)
-  precision = _coverage(fake, real, knn_radii(real, k))
-  recall = _coverage(real, fake, knn_radii(fake, k))
-  return precision, recall
+  return _precision_recall(real, knn_radii(real, k), np.asarray(fake_features, np.float64), k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """The real data's side of FID and of precision and recall, for every cell of an evaluation:
+  Gaussian statistics ``mu``, ``sigma`` with ``sigma_sqrt = Σ^½``, and the precision and recall
+  ``features`` with their k-NN ``radii`` (``k``)."""
+  mu: np.ndarray
+  sigma: np.ndarray
+  sigma_sqrt: np.ndarray
+  features: np.ndarray
+  radii: np.ndarray
+  k: int
+
+  @classmethod
+  def of(cls, mu, sigma, features, *, k: int = 3) -> Reference:
+    mu, sigma, _, _ = _statistics(mu, sigma, mu, sigma)
+    features = np.asarray(features, np.float64)
+    return cls(mu=mu, sigma=sigma, sigma_sqrt=_psd_sqrt(sigma), features=features,
+               radii=knn_radii(features, k), k=k)
+
+
+def frechet_distance_to(reference: Reference, mu, sigma) -> float:
+  """``frechet_distance(reference.mu, reference.sigma, mu, sigma)`` (the distance is
+  symmetric)."""
+  mu1, sigma1, mu2, sigma2 = _statistics(reference.mu, reference.sigma, mu, sigma)
+  return _frechet(mu1, sigma1, reference.sigma_sqrt, mu2, sigma2)
+
+
+def precision_recall_to(reference: Reference, fake_features) -> tuple[float, float]:
+  """``precision_recall(reference.features, fake_features, k=reference.k)``."""
+  return _precision_recall(reference.features, reference.radii,
+                           np.asarray(fake_features, np.float64), reference.k)
 
 
 class FeatureStats:
