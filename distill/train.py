@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from distill import checkpoints, images, input_pipeline, preemption, sharding
@@ -170,6 +169,8 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
     ckpts.close()
     return state
 
+  # clu's writers import TensorFlow (about 4 s): only a process that trains pays for it.
+  from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
   if writer is None:
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)

@@ -1,6 +1,8 @@
 """The sampling CLI and its library functions on the tiny pipeline's workdir."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,17 @@ def test_cli_writes_grid_and_npz(tiny_pipeline, tmp_path):
   np.testing.assert_array_equal(data["w"], [0, 0, 0, 2, 2, 2])
   np.testing.assert_array_equal(data["labels"], [0, 1, 2, 0, 1, 2])
   assert (tmp_path / "student2_stochastic_4steps_seed0.png").is_file()
+
+
+def test_sampling_and_evaluation_do_not_import_tensorflow():
+  """clu's metric writers import TensorFlow (about 4 s of every start-up): only a process that
+  trains imports them, not one that samples or evaluates."""
+  code = ("import sys; import distill.main, distill.pipeline, distill.sample, "
+          "distill.evaluation.evaluate; print(sorted(m for m in sys.modules "
+          "if m.split('.')[0] in ('tensorflow', 'clu')))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=True)
+  assert result.stdout.strip() == "[]", result.stdout[:500]
 
 
 def test_samples_do_not_depend_on_batching(tiny_pipeline):
