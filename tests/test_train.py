@@ -314,6 +314,7 @@ def test_a_checkpoints_shapes_are_read_once_and_again_when_it_is_rewritten(tmp_p
                                 np.arange(4.0))
   assert len(reads) == 2
 
+
 def test_checkpoint_refuses_a_non_finite_state(tmp_path):
   """No checkpoint ever holds NaN or inf: ``save`` raises and leaves no step directory."""
   tx, _ = train.make_optimizer(tiny_config().teacher)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill import network
 from distill.latent import clip_loader
 
 
@@ -45,11 +46,6 @@ def _image_fn(model: clip_loader.CLIPModel):
   return run
 
 
-@functools.lru_cache(maxsize=8)
-def _text_fn(model: clip_loader.CLIPModel):
-  return jax.jit(lambda params, ids: model.text.apply({"params": params}, ids))
-
-
 def _batched(fn, params, inputs, batch_size: int) -> np.ndarray:
   out = []
   for start in range(0, len(inputs), batch_size):
@@ -69,7 +65,7 @@ def image_embeddings(model: clip_loader.CLIPModel, images, *, batch_size: int = 
 
 def text_embeddings(model: clip_loader.CLIPModel, prompts, *, batch_size: int = 100) -> np.ndarray:
   """``[N, projection_dim]`` text embeddings (not normalised) of the prompts."""
-  return _batched(_text_fn(model), model.text_params, model.tokenizer(list(prompts)), batch_size)
+  return _batched(functools.partial(network.apply, model.text), model.text_params, model.tokenizer(list(prompts)), batch_size)
 
 
 def score_from_embeddings(image_embeds, text_embeds) -> np.ndarray:
