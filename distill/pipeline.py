@@ -78,8 +78,11 @@ def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: i
 
 
 def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
-               progress=None) -> train.TrainState:
-  """Trains one link of the chain; ``teacher_params`` are the previous link's (None for it)."""
+               progress=None, step_cache: dict | None = None) -> train.TrainState:
+  """Trains one link of the chain; ``teacher_params`` are the previous link's (None for it).
+
+  ``step_cache``: a dict kept over the links of one run of ``config``, in which the halvings of
+  one stage and length share their jitted train step (``train.train``)."""
   section = layout.section_of(config, link)
   key = stage_key(config, link.name)
   fam = family.of_link(config, link.name)
@@ -121,7 +124,11 @@ def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
       init_params=init, frozen=frozen, batches=batches, mesh=mesh,
       workdir=link.directory(workdir), config=config, base_key=jax.random.fold_in(key, 1),
       sample_fn=sample_fn(fam, config, **grids) if section.sample_every else None,
-      progress=progress)
+      progress=progress, step_cache=step_cache,
+      # The objective, the optimiser and the schedule are functions of the run's config, the
+      # link's stage and its section (a long halving's length gives another schedule); a
+      # halving's N is an array in ``frozen``.
+      step_key=(link.stage, section.to_json_best_effort(sort_keys=True)))
 
 
 def train_part(config, workdir, link: layout.Link, mesh, *, progress=None) -> train.TrainState:
@@ -208,6 +215,7 @@ def run(config, workdir) -> None:
     logging.info("latent_cache: %s", latent_cache.directory(workdir))
 
   params = {}  # link name -> a function giving its EMA parameters (read only when needed)
+  steps = {}  # the train steps of this run's links, shared by the halvings (train_link)
   for link in links[:last + 1]:
     if layout.is_part(link):
       continue
@@ -221,7 +229,7 @@ def run(config, workdir) -> None:
     parent = layout.teacher_of(links, link)
     teacher_params = params[parent]() if parent in params else None
     state = _recorded(record, tracker, link, lambda link=link: train_link(
-        config, workdir, link, mesh, teacher_params, progress=tracker))
+        config, workdir, link, mesh, teacher_params, progress=tracker, step_cache=steps))
     params[link.name] = lambda state=state: state.ema_params
 
   if "eval" in stages:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import flax
 import jax
@@ -138,11 +138,17 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
 def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[], Any],
           frozen, batches, mesh, workdir, config, base_key, writer=None, section: str | None = None,
           sample_fn: Callable[[TrainState], tuple[np.ndarray, int]] | None = None,
-          progress=None) -> TrainState:
+          progress=None, step_cache: dict | None = None,
+          step_key: Hashable = None) -> TrainState:
   """Trains one stage to ``stage_cfg.num_train_steps``, resuming from its checkpoints.
 
   ``name`` labels logs; ``section`` (default ``name``) is the config section that error
   messages point to.
+
+  ``step_cache`` (a dict the caller keeps) and ``step_key``: calls with the same key on the same
+  mesh train with one jitted step, its optimiser and schedule, traced and compiled once. The
+  caller vouches that equal keys mean equal objectives and ``stage_cfg``s: a chain's halvings of
+  one length differ only in what ``frozen`` holds (docs/pipeline.md).
 
   ``workdir`` is the stage's directory (checkpoints in ``workdir/checkpoints``, sample grids in
   ``workdir/samples``); ``batches[step]`` is the process-local batch of ``step``;
@@ -151,7 +157,14 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
   """
   workdir = epath.Path(workdir)
   num_steps = int(stage_cfg.num_train_steps)
-  tx, schedule = make_optimizer(stage_cfg)
+  cache_key = None if step_cache is None else (step_key, mesh)
+  if cache_key in (step_cache or {}):
+    tx, schedule, step_fn = step_cache[cache_key]
+  else:
+    tx, schedule = make_optimizer(stage_cfg)
+    step_fn = make_train_step(objective, tx, schedule, ema_decay=stage_cfg.ema_decay, mesh=mesh)
+    if step_cache is not None:
+      step_cache[cache_key] = tx, schedule, step_fn
   make_state = lambda: init_state(init_params(), tx)
   ckpts = checkpoints.Checkpoints(workdir / "checkpoints", max_to_keep=stage_cfg.max_to_keep)
   restored_step, state = ckpts.restore_latest(abstract_state(make_state, mesh))
@@ -178,7 +191,6 @@ def train(*, name: str, stage_cfg, objective: Objective, init_params: Callable[[
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=stage_cfg.log_every)
   frozen = None if frozen is None else sharding.shard_params(mesh, frozen)
-  step_fn = make_train_step(objective, tx, schedule, ema_decay=stage_cfg.ema_decay, mesh=mesh)
   data = input_pipeline.iterate(batches, start)
   max_in_row = int(stage_cfg.max_consecutive_nonfinite)
 

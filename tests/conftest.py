@@ -4,6 +4,7 @@ Identical programs compiled again (each resumed run builds its train step anew) 
 cache instead of recompiling; subprocesses inherit it through JAX_COMPILATION_CACHE_DIR.
 """
 
+import collections
 import gc
 import os
 import shutil
@@ -41,6 +42,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (after the environment above)
+from jax import monitoring  # noqa: E402  (JAX's event listeners: tiny_pipeline_traces)
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -79,18 +81,39 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(name))
 
 
+_TINY_PIPELINE_TRACES = collections.Counter()  # function name -> times JAX traced it
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
   """A workdir with the whole tiny digits pipeline (teacher → stage one → halvings 8 → 1) run
   uninterrupted on the eight devices of this process; shared by every test that needs trained
-  models, and the reference of the multi-host test (2 processes × 4 devices)."""
+  models, and the reference of the multi-host test (2 processes × 4 devices). The functions JAX
+  traced during the run are counted (``tiny_pipeline_traces``)."""
   from distill import pipeline  # pylint: disable=import-outside-toplevel
   from distill.config_utils import load_config  # pylint: disable=import-outside-toplevel
   config = load_config("digits:runlocal")
   config.num_devices = -1
   workdir = tmp_path_factory.mktemp("tiny_pipeline")
-  pipeline.run(config, workdir)
+
+  def count_traces(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      _TINY_PIPELINE_TRACES[kwargs.get("fun_name")] += 1
+
+  monitoring.register_event_duration_secs_listener(count_traces)
+  try:
+    pipeline.run(config, workdir)
+  finally:
+    monitoring.unregister_event_duration_listener(count_traces)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_traces(tiny_pipeline) -> dict[str, int]:
+  """How many times JAX traced each function (by name) while the tiny pipeline ran."""
+  del tiny_pipeline
+  return dict(_TINY_PIPELINE_TRACES)
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,12 @@ def test_tiny_pipeline_runs_every_link(reference):
   assert not _equal(params["stage_two/N=2"], params["stage_two/N=1"])  # each halving trained
 
 
+def test_the_halvings_share_one_traced_train_step(tiny_pipeline_traces):
+  # One train step traced for the teacher, one for stage one and one for the three halvings,
+  # whose N is an array: a step built per halving would be traced (and compiled) five times.
+  assert tiny_pipeline_traces.get("step") == 3, tiny_pipeline_traces
+
+
 def _cli(cwd, workdir, *, stop_at, stop_how="kill", extra=()):
   """``python -m distill.main`` started in ``cwd``, with paths relative to it, as a user types,
   stopped at ``stop_at`` (DRIVER)."""

@@ -58,7 +58,7 @@ def train_classifier(*, seed: int = 0, steps: int = 2000, batch_size: int = 128)
   x, y = jnp.asarray(x), jnp.asarray(y)
 
   @jax.jit
-  def step(params, opt_state, i):
+  def classifier_step(params, opt_state, i):
     k_idx, k_shift, k_drop = jax.random.split(jax.random.fold_in(key, i + 1), 3)
     idx = jax.random.randint(k_idx, (batch_size,), 0, x.shape[0])
 
@@ -73,7 +73,7 @@ def train_classifier(*, seed: int = 0, steps: int = 2000, batch_size: int = 128)
   # A Python loop of one compiled step: XLA:CPU runs convolutions inside a lax loop far slower.
   opt_state = tx.init(params)
   for i in range(steps):
-    params, opt_state = step(params, opt_state, i)
+    params, opt_state = classifier_step(params, opt_state, i)
   accuracy = float(np.mean(DigitsClassifier(params).predict(x_held) == y_held))
   return params, accuracy
 
