@@ -93,8 +93,8 @@ def bench_model(name: str, spec: str, batch: int, steps: list[int], teacher_step
   key = jax.random.key(2)
   for kind in samplers:
     for n in steps:
-      run = sample._compiled_sampler(fam, False, kind, n)  # pylint: disable=protected-access
-      fn, info = _warm(run, (s_params, z, labels, w, key), warmup)
+      run, num_steps = sample.sampler_program(fam, guided=False, sampler=kind, steps=n)
+      fn, info = _warm(run, (s_params, z, labels, w, key, None, num_steps), warmup)
       # Each sampler run is followed by min(N, 16) forward passes: the reference N × forward
       # is measured beside the sampler it is compared with.
       ts, tf = _paired(fn, fwd, runs=max(2, runs // 2) if n >= 64 else runs,
@@ -103,10 +103,12 @@ def bench_model(name: str, spec: str, batch: int, steps: list[int], teacher_step
            "runs": len(ts), "forward_s": statistics.median(tf), **info}
       r["ratio"] = r["median_s"] / (n * r["forward_s"])
       result["samplers"].append(r)
-  teacher_run = sample._compiled_sampler(fam, True, "deterministic", teacher_steps)  # pylint: disable=protected-access
-  student_run = sample._compiled_sampler(fam, False, "deterministic", 4)  # pylint: disable=protected-access
-  slow, slow_info = _warm(teacher_run, (t_params, z, labels, w, key), warmup)
-  fast, fast_info = _warm(student_run, (s_params, z, labels, w, key), warmup)
+  teacher_run, teacher_n = sample.sampler_program(fam, guided=True, sampler="deterministic",
+                                                  steps=teacher_steps)
+  student_run, student_n = sample.sampler_program(fam, guided=False, sampler="deterministic",
+                                                  steps=4)
+  slow, slow_info = _warm(teacher_run, (t_params, z, labels, w, key, None, teacher_n), warmup)
+  fast, fast_info = _warm(student_run, (s_params, z, labels, w, key, None, student_n), warmup)
   t_slow, t_fast = _paired(slow, fast, runs=max(2, runs // 2), b_calls=3)
   result["speedup"] = {"teacher_steps": teacher_steps, "teacher_s": statistics.median(t_slow),
                        "student4_s": statistics.median(t_fast),

@@ -56,6 +56,12 @@ def check_num_steps(num_steps, name: str = "num_steps") -> int:
   return int(num_steps)
 
 
+def _num_steps(num_steps):
+  """A sampler's step count: a checked Python integer, or an int32 array as given (traced: one
+  compiled sampler for every step count; its caller checks the value)."""
+  return num_steps if isinstance(num_steps, jax.Array) else check_num_steps(num_steps)
+
+
 def diffuse(x, eps, logsnr):
   """Forward process ``z = α x + σ ε``."""
   alpha, sigma = _alpha_sigma(logsnr, x)
@@ -155,9 +161,10 @@ def sample_deterministic(denoise_fn: DenoiseFn, z1, num_steps: int, *,
   ``known_fn(x, None)`` to the returned sample (inpainting by replacement). Returns the
   x-prediction of the last step (the step to ``t = 0``). The loop is a ``lax.fori_loop``: the
   denoiser is traced once and the whole sampler is one XLA program when jitted; ``t_start`` may
-  be a traced scalar.
+  be a traced scalar, and so may ``num_steps`` (an int32 scalar, ≥ 1: one compiled sampler for
+  every step count; the caller checks it).
   """
-  n = check_num_steps(num_steps)
+  n = _num_steps(num_steps)
   z1 = jnp.asarray(z1)
   t_start, known_fn = _start(t_start, known_fn)
 
@@ -207,9 +214,9 @@ def sample_stochastic(denoise_fn: DenoiseFn, z1, num_steps: int, rng, *,
   the deterministic 1-step sampler. The model is evaluated on the grid ``i/N`` (for
   ``t_start = 1``) and must jump ``2/N`` from each point of it (see ``stage_two``
   ``train_for_stochastic``). ``known_fn`` as in ``sample_deterministic``, applied after each
-  re-noising.
+  re-noising; ``num_steps`` may be traced, as there.
   """
-  n = check_num_steps(num_steps)
+  n = _num_steps(num_steps)
   z1 = jnp.asarray(z1)
   t_start, known_fn = _start(t_start, known_fn)
   delta = t_start / n

@@ -144,17 +144,28 @@ def sampler_steps(loaded: LoadedModel, sampler: str, num_steps: int | None) -> i
   return int(num_steps)
 
 
+STEPS_AS_ARGUMENT = ("deterministic", "stochastic")  # one compiled program for every N
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
-  """One jitted ``run(params, z1, cond, w, key, edit=None)`` per (family, sampler, steps): every
-  cell and batch of the same shape reuses its compilation. Returns the sampler's ``x`` (not
-  decoded). ``edit`` (``distill/editing.py``), a dict: ``x`` (the source, encoded), ``t_start``
-  and ``keep`` (the kept region, or None): the run starts from ``x`` noised to ``t_start`` with
-  ``z1`` as the noise, and with ``keep`` it inpaints."""
+def _compiled_sampler(fam, guided: bool, sampler: str, steps: int | None):
+  """One jitted ``run(params, z1, cond, w, key, edit, num_steps)`` per (family, sampler, steps):
+  every cell and batch of the same shape reuses its compilation. Returns the sampler's ``x``
+  (not decoded). ``edit`` (``distill/editing.py``), None or a dict: ``x`` (the source,
+  encoded), ``t_start`` and ``keep`` (the kept region, or None): the run starts from ``x`` noised
+  to ``t_start`` with ``z1`` as the noise, and with ``keep`` it inpaints.
+
+  The deterministic and stochastic samplers take their step count as an argument (``steps``
+  None, ``num_steps`` an int32 scalar): one program serves every step count of a model (the
+  teacher's DDIM cells of an evaluation, or the students of one chain). DPM-Solver++'s steps are
+  part of its program (its first and last steps are first-order; ``num_steps`` is ignored)."""
+  if (sampler in STEPS_AS_ARGUMENT) != (steps is None):
+    raise ValueError(f"steps={steps!r}: None for the samplers {STEPS_AS_ARGUMENT}, else the "
+                     "step count.")
   make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit
-  def run(params, z1, cond, w, key, edit=None):
+  def run(params, z1, cond, w, key, edit, num_steps):
     fn = make_fn(fam, params, cond, w)
     start = dict(logsnr_fn=fam.logsnr_fn)
     if edit is not None:
@@ -163,12 +174,21 @@ def _compiled_sampler(fam, guided: bool, sampler: str, steps: int):
         start["known_fn"] = editing.known_region(edit["x"], edit["keep"], z1)
       z1 = editing.stochastic_encoding(edit["x"], z1, edit["t_start"], logsnr_fn=fam.logsnr_fn)
     if sampler == "deterministic":
-      return diffusion.sample_deterministic(fn, z1, steps, **start)
+      return diffusion.sample_deterministic(fn, z1, num_steps, **start)
     if sampler == "dpm_solver":
       return diffusion.sample_dpm_solver(fn, z1, steps, **start)
-    return diffusion.sample_stochastic(fn, z1, steps, key, **start)
+    return diffusion.sample_stochastic(fn, z1, num_steps, key, **start)
 
   return run
+
+
+def sampler_program(fam, *, guided: bool, sampler: str, steps: int):
+  """``(run, num_steps)``: the jitted sampler of ``steps`` steps (``_compiled_sampler``) and the
+  step-count argument to call it with, ``run(params, z1, cond, w, key, edit, num_steps)``."""
+  steps = diffusion.check_num_steps(steps)
+  program = _compiled_sampler(fam, guided, sampler,
+                              None if sampler in STEPS_AS_ARGUMENT else steps)
+  return program, np.int32(steps)
 
 
 @functools.lru_cache(maxsize=8)
@@ -203,9 +223,10 @@ def make_sampler(loaded: LoadedModel, sampler: str, steps: int):
   family's decoder (the identity for pixels, the first stage's decoder for latents)."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r} is not one of {list(SAMPLERS)}.")
-  run = _compiled_sampler(loaded.family, loaded.kind == "teacher", sampler, steps)
+  run, num_steps = sampler_program(loaded.family, guided=loaded.kind == "teacher",
+                                   sampler=sampler, steps=steps)
   return lambda z1, cond, w, key, edit=None: loaded.family.decode(
-      run(loaded.params, z1, cond, w, key, edit))
+      run(loaded.params, z1, cond, w, key, edit, num_steps))
 
 
 def edit_start(loaded: LoadedModel, sampler: str, num_steps: int | None,

@@ -83,6 +83,27 @@ def test_deterministic_sampler_matches_literal_eq2_loop(z1, n, t0):
   got = jax.jit(lambda z: diffusion.sample_deterministic(gaussian_denoiser, z, n,
                                                         t_start=t0))(z1[:64])
   np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
+  # The step count as a traced argument (one program for every N): the same grid.
+  traced = jax.jit(lambda z, n: diffusion.sample_deterministic(gaussian_denoiser, z, n,
+                                                              t_start=t0))
+  np.testing.assert_allclose(traced(z1[:64], jnp.int32(n)), x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["deterministic", "stochastic"])
+def test_one_compiled_sampler_serves_every_step_count(z1, kind):
+  traces = []
+
+  def run(z, n):
+    traces.append(n)
+    if kind == "deterministic":
+      return diffusion.sample_deterministic(gaussian_denoiser, z, n)
+    return diffusion.sample_stochastic(gaussian_denoiser, z, n, jax.random.key(7))
+
+  run = jax.jit(run)
+  for n in (1, 3, 8):  # against the sampler compiled for that N, to float32 rounding
+    np.testing.assert_allclose(run(z1[:64], jnp.int32(n)), _sampler(kind, n)(z1[:64]),
+                               rtol=1e-5, atol=1e-6)
+  assert len(traces) == 1
 
 
 @pytest.mark.parametrize("t0", [1.0, 0.6])
@@ -108,6 +129,9 @@ def test_stochastic_sampler_matches_literal_eq4_to_7_loop(z1, n, t0):
   got = jax.jit(lambda z: diffusion.sample_stochastic(gaussian_denoiser, z, n, rng,
                                                       t_start=t0))(z1[:64])
   np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
+  traced = jax.jit(lambda z, n: diffusion.sample_stochastic(gaussian_denoiser, z, n, rng,
+                                                            t_start=t0))
+  np.testing.assert_allclose(traced(z1[:64], jnp.int32(n)), x, rtol=1e-4, atol=1e-4)
 
 
 def _exact_flow_endpoint(z1):

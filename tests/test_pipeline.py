@@ -100,10 +100,14 @@ def test_tiny_pipeline_runs_every_link(reference):
   assert not _equal(params["stage_two/N=2"], params["stage_two/N=1"])  # each halving trained
 
 
-def test_the_halvings_share_one_traced_train_step(tiny_pipeline_traces):
+def test_the_halvings_and_the_eval_cells_share_their_programs(tiny_pipeline_traces):
   # One train step traced for the teacher, one for stage one and one for the three halvings,
   # whose N is an array: a step built per halving would be traced (and compiled) five times.
   assert tiny_pipeline_traces.get("step") == 3, tiny_pipeline_traces
+  # The eval stage's samplers: the teacher's DDIM (its 4-step reference and DDIM at 1 and 2
+  # steps), DPM-Solver++ at 3, and the students' deterministic and stochastic samplers, each for
+  # both students: 4 programs (a program per step count would be 8).
+  assert tiny_pipeline_traces.get("run") == 4, tiny_pipeline_traces
 
 
 def _cli(cwd, workdir, *, stop_at, stop_how="kill", extra=()):

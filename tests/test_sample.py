@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import sample, sharding
+from distill import family, sample, sharding
+from distill.config_utils import load_config
 
 
 def test_cli_writes_grid_and_npz(tiny_pipeline, tmp_path):
@@ -247,3 +248,18 @@ def test_an_exported_pixel_student_samples_as_in_its_workdir(tiny_pipeline, tmp_
     np.testing.assert_array_equal(a["images"], b["images"])
   with pytest.raises(SystemExit, match="pass --workdir=DIR .* or --pretrained=FOLDER"):
     sample.main([f"--workdir={tiny_pipeline}", f"--pretrained={tmp_path / 'student2'}"])
+
+
+def test_the_ddim_and_stochastic_samplers_are_one_program_for_every_step_count():
+  """The eval stage's cells of one model and sampler share a compiled program; DPM-Solver++'s
+  steps are part of its program (tests/test_diffusion.py checks the traced step count's grid)."""
+  fam = family.of(load_config("digits:runlocal"))
+  for sampler in ("deterministic", "stochastic"):
+    (run2, n2), (run4, n4) = (sample.sampler_program(fam, guided=True, sampler=sampler, steps=n)
+                              for n in (2, 4))
+    assert run2 is run4 and (n2, n4) == (2, 4)
+  dpm2, dpm3 = (sample.sampler_program(fam, guided=True, sampler="dpm_solver", steps=n)[0]
+                for n in (2, 3))
+  assert dpm2 is not dpm3
+  with pytest.raises(ValueError, match="num_steps"):
+    sample.sampler_program(fam, guided=True, sampler="deterministic", steps=0)
