@@ -158,10 +158,8 @@ def _compiled_sampler(fam, guided: bool, sampler: str, steps: int | None):
   The deterministic and stochastic samplers take their step count as an argument (``steps``
   None, ``num_steps`` an int32 scalar): one program serves every step count of a model (the
   teacher's DDIM cells of an evaluation, or the students of one chain). DPM-Solver++'s steps are
-  part of its program (its first and last steps are first-order; ``num_steps`` is ignored)."""
-  if (sampler in STEPS_AS_ARGUMENT) != (steps is None):
-    raise ValueError(f"steps={steps!r}: None for the samplers {STEPS_AS_ARGUMENT}, else the "
-                     "step count.")
+  part of its program (its first and last steps are first-order; ``num_steps`` is ignored).
+  Called through ``sampler_program``."""
   make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
 
   @jax.jit

@@ -65,7 +65,8 @@ def image_embeddings(model: clip_loader.CLIPModel, images, *, batch_size: int = 
 
 def text_embeddings(model: clip_loader.CLIPModel, prompts, *, batch_size: int = 100) -> np.ndarray:
   """``[N, projection_dim]`` text embeddings (not normalised) of the prompts."""
-  return _batched(functools.partial(network.apply, model.text), model.text_params, model.tokenizer(list(prompts)), batch_size)
+  return _batched(functools.partial(network.apply, model.text), model.text_params,
+                  model.tokenizer(list(prompts)), batch_size)
 
 
 def score_from_embeddings(image_embeds, text_embeds) -> np.ndarray:
