@@ -28,8 +28,8 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from distill import (config_validation, denoiser, diffusion, family, input_pipeline, layout, losses,
-                     manifest, paths, progress, sharding, train)
+from distill import (config_validation, family, input_pipeline, layout, losses, manifest, paths,
+                     progress, sample, sharding, train)
 from distill.evaluation import evaluate
 from distill.latent import cache as latent_cache
 from distill.latent import parts as latent_parts
@@ -67,14 +67,11 @@ def sample_fn(fam, config, *, w_values, num_steps: int, guided: bool, per_row: i
     cond = fam.cond_from_prompts([prompts[i % len(prompts)] for i in range(per_row)] * rows)
   w = jnp.repeat(jnp.asarray(w_values, jnp.float32), per_row)
   z1 = jax.random.normal(jax.random.key(1234), (rows * per_row,) + fam.x_shape)
-  make_fn = denoiser.guided_denoise_fn if guided else denoiser.denoise_fn
-
-  @jax.jit
-  def sample(params):
-    return diffusion.sample_deterministic(make_fn(fam, params, cond, w), z1, num_steps,
-                                          logsnr_fn=fam.logsnr_fn)
-
-  return lambda state: (fam.decode(sample(state.ema_params)), rows)
+  # The evaluation's DDIM program (the step count an argument): the grids of stage one and of
+  # every halving, and the eval cells of the same batch shape, are one compiled sampler.
+  run, steps = sample.sampler_program(fam, guided=guided, sampler="deterministic",
+                                      steps=num_steps)
+  return lambda state: (fam.decode(run(state.ema_params, z1, cond, w, None, None, steps)), rows)
 
 
 def train_link(config, workdir, link: layout.Link, mesh, teacher_params, *,
