@@ -33,6 +33,24 @@ def test_frechet_distance_of_full_covariances_matches_scipy_sqrtm():
   assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6, abs=1e-8)
 
 
+@pytest.mark.parametrize("n", [2, 5, 12, 40])
+def test_frechet_distance_from_fewer_samples_than_dimensions_matches_scipy_sqrtm(n):
+  # With the samples given, n <= d takes the trace term from their n × n Gram matrix; n > d the
+  # d × d path. Either way the distance of the samples' own mean and covariance.
+  rng = np.random.default_rng(n)
+  d = 12
+  real = rng.normal(size=(60, d)) @ rng.normal(size=(d, d)) + 0.5
+  fake = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+  reference = Reference.of(real.mean(axis=0), np.cov(real, rowvar=False), real)
+  mu, sigma = fake.mean(axis=0), np.cov(fake, rowvar=False).reshape(d, d)
+  root = scipy.linalg.sqrtm(reference.sigma @ sigma).real
+  expected = (np.sum((reference.mu - mu) ** 2)
+              + np.trace(reference.sigma + sigma - 2 * root))
+  got = frechet_distance_to(reference, mu, sigma, features=fake)
+  assert got == pytest.approx(expected, rel=1e-7)
+  assert got == pytest.approx(frechet_distance_to(reference, mu, sigma), rel=1e-6)
+
+
 def test_frechet_distance_refuses_mismatched_shapes():
   with pytest.raises(ValueError, match="shapes differ"):
     frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -164,9 +164,9 @@ def metrics_of(arrays: dict, labels, reference: metrics.Reference, *, pr_samples
               if class_accuracy and probs is not None else None)
   score = (float(np.mean(clip_score.score_from_embeddings(arrays["clip_image"], text_embeddings)))
            if arrays.get("clip_image") is not None and text_embeddings is not None else None)
-  return {"fid": metrics.frechet_distance_to(reference, stats.mean, stats.cov), "is": is_mean,
-          "class_accuracy": accuracy, "clip_score": score, "precision": precision,
-          "recall": recall, "num_samples": int(len(feats))}
+  return {"fid": metrics.frechet_distance_to(reference, stats.mean, stats.cov, features=feats),
+          "is": is_mean, "class_accuracy": accuracy, "clip_score": score,
+          "precision": precision, "recall": recall, "num_samples": int(len(feats))}
 
 
 def cell_metrics(extract, x, labels, reference: metrics.Reference, *, pr_samples: int,

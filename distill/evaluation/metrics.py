@@ -44,12 +44,20 @@ def _statistics(mu1, sigma1, mu2, sigma2) -> tuple[np.ndarray, ...]:
   return mu1, sigma1, mu2, sigma2
 
 
-def _frechet(mu1, sigma1, root1, mu2, sigma2) -> float:
-  """The Fréchet distance, given ``root1 = Σ₁^½``."""
-  inner = root1 @ sigma2 @ root1
-  trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None)))
+def _trace_sqrt(m) -> float:
+  """``tr(m^½)`` of a symmetric positive semi-definite ``m``: the sum of its eigenvalues' roots."""
+  return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2.0), 0.0, None))))
+
+
+def _distance(mu1, sigma1, mu2, sigma2, trace_sqrt: float) -> float:
+  """``‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2·tr((Σ₁^½ Σ₂ Σ₁^½)^½)``, the last trace given."""
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
+def _frechet(mu1, sigma1, root1, mu2, sigma2) -> float:
+  """The Fréchet distance, given ``root1 = Σ₁^½``."""
+  return _distance(mu1, sigma1, mu2, sigma2, _trace_sqrt(root1 @ sigma2 @ root1))
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -128,10 +136,21 @@ class Reference:
                radii=knn_radii(features, k), k=k)
 
 
-def frechet_distance_to(reference: Reference, mu, sigma) -> float:
+def frechet_distance_to(reference: Reference, mu, sigma, *, features=None) -> float:
   """``frechet_distance(reference.mu, reference.sigma, mu, sigma)`` (the distance is
-  symmetric)."""
+  symmetric).
+
+  ``features``: the ``[n, d]`` samples whose mean and covariance (``n − 1`` in the denominator)
+  ``mu`` and ``sigma`` are. With ``n ≤ d`` the trace term comes from their ``n × n`` Gram matrix
+  instead of a ``d × d`` one: with ``X`` the centred features and ``A = X Σ₁^½ / √(n − 1)``,
+  ``Σ₁^½ Σ₂ Σ₁^½ = AᵀA`` has the nonzero eigenvalues of ``AAᵀ = X Σ₁ Xᵀ / (n − 1)``. The same
+  distance, for a cell of a few hundred samples of 2048 Inception features in milliseconds
+  instead of seconds."""
   mu1, sigma1, mu2, sigma2 = _statistics(reference.mu, reference.sigma, mu, sigma)
+  if features is not None and 1 < len(features) <= len(mu1):
+    x = np.asarray(features, np.float64).reshape(len(features), -1)
+    x = x - x.mean(axis=0)
+    return _distance(mu1, sigma1, mu2, sigma2, _trace_sqrt(x @ sigma1 @ x.T / (len(x) - 1)))
   return _frechet(mu1, sigma1, reference.sigma_sqrt, mu2, sigma2)
 
 
