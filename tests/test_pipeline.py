@@ -106,10 +106,10 @@ def test_the_halvings_and_the_eval_cells_share_their_programs(tiny_pipeline_trac
   assert tiny_pipeline_traces.get("step") == 3, tiny_pipeline_traces
   # The eval stage's samplers: the teacher's DDIM (its 4-step reference and DDIM at 1 and 2
   # steps), DPM-Solver++ at 3, and the students' deterministic and stochastic samplers, each for
-  # both students: 4 programs (a program per step count would be 8). The progress grids run the
-  # same DDIM programs on their own (unsplit) batch: one for the teacher's grid and one for the
-  # grids of stage one (4 steps) and of the halvings (4, 2 and 1): 6 in all (a grid program per
-  # link would be 5 more).
+  # both students: 4 programs (a program per step count would be 8). The progress grids call the
+  # same jitted DDIM functions, traced again for their own unsplit batch: once for the teacher's
+  # grid and once for the grids of stage one (4 steps) and of the halvings (4, 2 and 1), 6 traces
+  # in all (a program per link's grid would be 5, under its own name).
   assert tiny_pipeline_traces.get("run") == 6, tiny_pipeline_traces
   assert "sample" not in tiny_pipeline_traces, tiny_pipeline_traces
 
