@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import layout, losses, pipeline, sample
+from distill import input_pipeline, layout, losses, pipeline, sample
 from distill.config_utils import load_config
 from distill.latent import export, inpainting, pretrained
 from distill.latent import family as latent_family
@@ -240,7 +240,8 @@ def test_the_kept_loss_weight_weights_the_kept_cells(folder, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_the_chain_distils_it_and_the_student_inpaints_from_its_condition(folder, tmp_path):
+def test_the_chain_distils_it_and_the_student_inpaints_from_its_condition(folder, tmp_path,
+                                                                           monkeypatch):
   config = _config(folder)
   config.stages = "stage_one,stage_two"
   config.stage_one.num_train_steps = 2
@@ -275,6 +276,72 @@ def test_the_chain_distils_it_and_the_student_inpaints_from_its_condition(folder
   full = sample.generate(student, **dict(args, fill_mask=np.ones_like(fill)))
   np.testing.assert_allclose(plain, full, rtol=1e-5, atol=1e-5)
   assert not np.allclose(plain, x, atol=1e-4)
+  _editing_bench_on_the_chain(tmp_path, student, monkeypatch)
+
+
+def _editing_bench_on_the_chain(workdir, student, monkeypatch):
+  """``bench/editing.py`` on the 9-channel chain's workdir: it inpaints through the condition
+  (the kept pixels are the network's decoding, not the source's), and its two latent references
+  are the ones recomputed here from the library's parts: the source's latents kept
+  (``rms_kept_exact_latents``) and the masked image's, the network's input
+  (``rms_kept_input_latents``). Two stand-ins: the held-out digits are brought to the fixture
+  autoencoder's 16 × 16 RGB (as ``encode_images`` brings training images), and the report's
+  features are a fixed random projection (FID itself is not what this checks)."""
+  from distill.evaluation import features  # pylint: disable=import-outside-toplevel
+  from test_bench import _script  # pylint: disable=import-outside-toplevel
+  fam = student.family
+  size, channels = fam.image_shape[0], fam.image_shape[2]
+  bench = _script("editing")
+  held_out_sources = bench.common.held_out_sources
+
+  def to_model(x):
+    """Images at the model's size and channels (the data's 8 × 8 digits resized and repeated)."""
+    if x.shape[1:] != tuple(fam.image_shape):
+      x = jax.image.resize(x, (len(x), size, size, x.shape[-1]), method="bilinear")
+      x = np.repeat(np.asarray(x), channels // x.shape[-1], axis=-1)
+    return np.reshape(np.asarray(x, np.float32), (len(x), size, size, channels))
+
+  def sources(config, limit):
+    x, labels = held_out_sources(config, limit)
+    return to_model(x), labels
+
+  proj = np.random.default_rng(0).normal(size=(2, size * size * channels, 10))
+  project = lambda x, i: np.reshape(to_model(x), (len(x), -1)) @ proj[i]
+  monkeypatch.setattr(bench.common, "held_out_sources", sources)
+  monkeypatch.setattr(features, "make_extractor", lambda config, workdir: (
+      lambda x: (project(x, 0), np.asarray(jax.nn.softmax(project(x, 1)))),
+      {"features": "a random projection", "class_accuracy": True}))
+  n, w = 4, 2.0
+  out = workdir / "editing"
+  results = bench.main([f"--workdir={workdir}", f"--num_sources={n}", "--students=1",
+                        "--teacher_steps=1", f"--w={w}", f"--out={out}"])
+  assert [(r["method"], r["steps"]) for r in results["inpaint"]] == [
+      ("student 1", 1), ("DDIM 2x1", 1), ("teacher 2x1", 1)]
+  assert json.loads((out / "editing.json").read_text())["mechanism"] == (
+      "the inpainting U-Net's condition")
+  assert "RMS kept, input's latents kept" in (out / "editing.md").read_text()
+  # The student's row again, from the same sources, seed and w.
+  src, labels = sources(layout.workdir_config(workdir), n)
+  fill = np.zeros((size, size), np.float32)
+  fill[size // 4:size - size // 4, size // 4:size - size // 4] = 1.0  # the centre half-square
+  x = sample.generate(student, sampler="deterministic", num_steps=None, labels=labels,
+                      w=np.full(n, w), seed=0, source=src, fill_mask=fill)
+  kept = fill == 0
+  row = results["inpaint"][0]
+  assert row["kept_max_change"] > 0  # not by replacement
+  np.testing.assert_allclose(row["rms_kept"], np.sqrt(np.mean((x - src)[:, kept] ** 2)),
+                             rtol=1e-5)
+  cells = fam.x_shape[0]
+  hole = np.zeros((1, cells, cells, 1), bool)  # the centre half of the latent cells too
+  hole[:, cells // 4:cells - cells // 4, cells // 4:cells - cells // 4] = True
+  own = np.asarray(fam.encode_images(x))
+  given = np.asarray(fam.encode_images(src, fill_mask=np.broadcast_to(fill, (n, size, size))))
+  for key, latents in (("rms_kept_exact_latents", np.asarray(fam.encode_images(src))),
+                       ("rms_kept_input_latents", given)):
+    decoded = np.asarray(fam.decode(np.where(hole, own, latents)))
+    np.testing.assert_allclose(row[key], np.sqrt(np.mean((decoded - src)[:, kept] ** 2)),
+                               rtol=1e-4, err_msg=key)
+  assert row["rms_kept_input_latents"] != row["rms_kept_exact_latents"]
 
 
 def test_the_emoji_variant_and_the_cache(folder, tmp_path):
