@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill import input_pipeline, layout, losses, pipeline, sample
+from distill import layout, losses, pipeline, sample
 from distill.config_utils import load_config
 from distill.latent import export, inpainting, pretrained
 from distill.latent import family as latent_family
